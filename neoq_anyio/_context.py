@@ -1,0 +1,51 @@
+"""The job being run and its transaction, visible anywhere below a handler."""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import TYPE_CHECKING
+
+from ._exceptions import NoJobError, NoTransactionError
+
+if TYPE_CHECKING:
+    import psycopg
+
+    from ._models import Job
+
+__all__ = ["current_job", "current_transaction"]
+
+# Task groups copy the context into child tasks, so tasks a handler starts
+# see its job too.
+_job: ContextVar[Job | None] = ContextVar("neoq_anyio_job", default=None)
+_transaction: ContextVar[psycopg.AsyncConnection[object] | None] = ContextVar(
+    "neoq_anyio_transaction", default=None
+)
+
+
+def current_job() -> Job:
+    """The job the calling handler (or a task it started) is running.
+
+    Raises:
+        NoJobError: called outside a running job.
+    """
+    job = _job.get()
+    if job is None:
+        raise NoJobError("current_job() called outside a running job")
+    return job
+
+
+def current_transaction() -> psycopg.AsyncConnection[object]:
+    """The psycopg connection inside the running job's transaction.
+
+    Writes made through it commit atomically with the job's completion and
+    roll back if the job fails. Do not commit or roll back on it yourself;
+    use ``async with conn.transaction():`` for a savepoint.
+
+    Raises:
+        NoTransactionError: called outside a job, or on a backend without
+            transactions (the in-memory backend).
+    """
+    conn = _transaction.get()
+    if conn is None:
+        raise NoTransactionError("current_transaction() called outside a job's transaction")
+    return conn

@@ -1,0 +1,76 @@
+"""The exception hierarchy: every error neoq_anyio raises derives from NeoqError."""
+
+from __future__ import annotations
+
+__all__ = [
+    "ConfigurationError",
+    "ConnectionStringError",
+    "DatabaseError",
+    "DuplicateJobError",
+    "InvalidJobError",
+    "JobDeadlineError",
+    "JobTimeoutError",
+    "NeoqError",
+    "NoJobError",
+    "NoQueueError",
+    "NoTransactionError",
+    "PoolTimeoutError",
+]
+
+
+class NeoqError(Exception):
+    """Base class of every error raised by neoq_anyio."""
+
+
+class ConnectionStringError(NeoqError, ValueError):
+    """The connection string is empty, malformed, has an unknown scheme or a bad pool option.
+
+    The message names the culprit and never contains the password.
+    """
+
+
+class ConfigurationError(NeoqError, ValueError):
+    """An option or a handler is invalid (for example a ``job_timeout`` above
+    ``transaction_timeout``, a negative duration, or a second handler for a queue)."""
+
+
+class InvalidJobError(NeoqError, ValueError):
+    """A job cannot be enqueued as given: its payload is not a JSON object, a
+    timestamp is naive, or ``max_retries`` is negative. Nothing was inserted."""
+
+
+class NoQueueError(InvalidJobError):
+    """A job was enqueued without a queue name (Go neoq's ``ErrNoQueueSpecified``)."""
+
+
+class DuplicateJobError(NeoqError):
+    """An unprocessed job with the same queue, fingerprint and status already exists
+    (Go neoq's ``ErrDuplicateJob``). Nothing was inserted."""
+
+
+class NoJobError(NeoqError, LookupError):
+    """``current_job()`` was called outside a running job."""
+
+
+class NoTransactionError(NeoqError, LookupError):
+    """``current_transaction()`` was called outside a job's transaction
+    (Go neoq's ``ErrNoTransactionInContext``)."""
+
+
+class PoolTimeoutError(NeoqError, TimeoutError):
+    """No pooled connection became free within ``connection_timeout``
+    (Go neoq's ``ErrExceededConnectionPoolTimeout``)."""
+
+
+class JobDeadlineError(NeoqError):
+    """A job's ``deadline`` passed before it could run; it was not run
+    (Go neoq's ``ErrJobExceededDeadline``)."""
+
+
+class JobTimeoutError(NeoqError, TimeoutError):
+    """A handler ran past its ``job_timeout`` and was cancelled."""
+
+
+class DatabaseError(NeoqError):
+    """PostgreSQL or the connection to it failed. The psycopg error is the ``__cause__``;
+    the message never contains the password."""

@@ -1,0 +1,139 @@
+"""The LISTEN connection: one per backend, never shared with queries.
+
+psycopg's notification reader holds the connection lock while it waits, so a
+query on the same connection would stall behind it; the listener therefore
+owns a connection of its own and is the only task that touches it. New
+channels are handed to it through ``listen()``, which interrupts its wait.
+
+When the connection drops (database restart, ``pg_terminate_backend``, a
+network cut caught by the periodic ping), the listener reconnects with
+capped exponential backoff, listens to every channel again, and calls
+``on_reconnect`` so the backend looks for jobs announced while it was deaf.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING, NoReturn
+
+import anyio
+from psycopg import errors as e
+from psycopg import sql
+from psycopg.generators import notifies
+
+from ._exceptions import DatabaseError
+
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Awaitable, Callable
+
+    from anyio.abc import TaskStatus
+    from psycopg import Notify
+
+    from ._pg._connection import AnyioConnection
+
+__all__ = ["Listener"]
+
+_RECONNECT_MIN = 0.05
+_RECONNECT_MAX = 5.0
+_PING_INTERVAL = 30.0
+
+
+class Listener:
+    """Owns the LISTEN connection and turns notifications into calls.
+
+    Args:
+        connect: opens a new autocommit connection.
+        on_notify: ``on_notify(channel, payload)``, called for every
+            notification; must not block.
+        on_reconnect: called after the connection was re-established.
+        logger: returns the backend's current logger.
+        redact: scrubs secrets from messages.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[AnyioConnection]],
+        on_notify: Callable[[str, str], None],
+        on_reconnect: Callable[[], None],
+        *,
+        logger: Callable[[], logging.Logger],
+        redact: Callable[[str], str],
+    ) -> None:
+        self._connect = connect
+        self._on_notify = on_notify
+        self._on_reconnect = on_reconnect
+        self._logger = logger
+        self._redact = redact
+        self._channels: set[str] = set()  # LISTEN in force on the current connection
+        self._requested: dict[str, anyio.Event] = {}  # channel -> set once listening
+        self._wait_scope: anyio.CancelScope | None = None
+        self.reconnects = 0
+
+    async def listen(self, channel: str) -> None:
+        """Return once ``LISTEN channel`` is in force (waits out a reconnection)."""
+        if channel in self._channels:
+            return
+        event = self._requested.setdefault(channel, anyio.Event())
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()  # the listener task runs the LISTEN
+        await event.wait()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> NoReturn:
+        """Serve until cancelled. The first connection's failure raises (startup
+        fails loudly); later failures reconnect."""
+        conn = await self._connect()
+        task_status.started()
+        delay = _RECONNECT_MIN
+        while True:
+            try:
+                await self._serve(conn)
+            except (e.OperationalError, e.InterfaceError, DatabaseError) as exc:
+                self._logger().warning(
+                    "listener connection lost, reconnecting: %s", self._redact(str(exc))
+                )
+            finally:
+                conn.pgconn.finish()
+            while True:
+                # Jitter keeps many processes from reconnecting in lockstep.
+                await anyio.sleep(delay * random.uniform(0.5, 1.0))
+                delay = min(delay * 2, _RECONNECT_MAX)
+                try:
+                    conn = await self._connect()
+                except (e.OperationalError, DatabaseError) as exc:
+                    self._logger().warning(
+                        "listener cannot reconnect yet: %s", self._redact(str(exc))
+                    )
+                    continue
+                break
+            delay = _RECONNECT_MIN
+            self.reconnects += 1
+            for channel in self._channels:
+                self._requested.setdefault(channel, anyio.Event())
+            self._channels.clear()
+            self._logger().info("listener reconnected")
+
+    async def _serve(self, conn: AnyioConnection) -> None:
+        conn.add_notify_handler(self._dispatch)
+        reconnected = self.reconnects > 0
+        while True:
+            while self._requested:
+                channel, event = next(iter(self._requested.items()))
+                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                self._channels.add(channel)
+                del self._requested[channel]
+                event.set()
+            if reconnected:
+                # Jobs enqueued while nobody listened were announced to no one.
+                reconnected = False
+                self._on_reconnect()
+            with anyio.CancelScope() as scope:
+                self._wait_scope = scope
+                with anyio.move_on_after(_PING_INTERVAL) as ping:
+                    await conn.wait(notifies(conn.pgconn))
+            self._wait_scope = None
+            if ping.cancelled_caught:
+                await conn.execute("SELECT 1")  # finds half-open connections
+
+    def _dispatch(self, notification: Notify) -> None:
+        self._on_notify(notification.channel, notification.payload)

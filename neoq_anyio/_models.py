@@ -1,0 +1,237 @@
+"""Jobs and handlers: the values users build and receive."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
+
+from ._durations import to_seconds
+from ._exceptions import ConfigurationError, InvalidJobError, NoQueueError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+__all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_JOB_TIMEOUT", "Handler", "Job", "JobStatus"]
+
+JobStatus: TypeAlias = Literal["new", "processed", "failed"]
+
+DEFAULT_CONCURRENCY = 50
+"""Jobs a handler runs at once in one process when not told otherwise (Go neoq's value)."""
+
+DEFAULT_JOB_TIMEOUT = 30.0
+"""Seconds a handler may run before it is cancelled (Go neoq's value)."""
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Job:
+    """A unit of work on a queue.
+
+    Build one to enqueue it; handlers receive one read back from the
+    database, with the read-only fields filled in.
+
+    Args:
+        queue: the queue's name; its handler runs the job. Required.
+        payload: a JSON object (a ``dict`` with string keys), or ``None``.
+        fingerprint: deduplication key; defaults to Go neoq's md5 of the
+            queue and the payload's JSON. While an unprocessed job with the
+            same queue, fingerprint and status exists, enqueueing another
+            raises ``DuplicateJobError``.
+        run_after: timezone-aware time before which the job does not run;
+            default: now.
+        deadline: timezone-aware time after which the job is not run any
+            more (it fails with ``JobDeadlineError``).
+        max_retries: how many times a failed job is retried before it moves
+            to ``neoq_dead_jobs``; ``0`` means never retried, ``None`` the
+            database default (23).
+
+    Read-only fields (set by the backend): ``id`` (str), ``status``
+    (``"new"``, ``"processed"`` or ``"failed"``), ``retries``, ``ran_at``,
+    ``error``, ``created_at``.
+    """
+
+    queue: str
+    payload: dict[str, Any] | None = None
+    fingerprint: str | None = None
+    run_after: datetime | None = None
+    deadline: datetime | None = None
+    max_retries: int | None = None
+    id: str | None = field(default=None, init=False)
+    status: JobStatus = field(default="new", init=False)
+    retries: int = field(default=0, init=False)
+    ran_at: datetime | None = field(default=None, init=False)
+    error: str | None = field(default=None, init=False)
+    created_at: datetime | None = field(default=None, init=False)
+
+    # A positional ``queue, payload`` reads naturally: Job("emails", {...}).
+    def __init__(
+        self,
+        queue: str,
+        payload: dict[str, Any] | None = None,
+        *,
+        fingerprint: str | None = None,
+        run_after: datetime | None = None,
+        deadline: datetime | None = None,
+        max_retries: int | None = None,
+    ) -> None:
+        set_ = object.__setattr__
+        set_(self, "queue", queue)
+        set_(self, "payload", payload)
+        set_(self, "fingerprint", fingerprint)
+        set_(self, "run_after", run_after)
+        set_(self, "deadline", deadline)
+        set_(self, "max_retries", max_retries)
+        set_(self, "id", None)
+        set_(self, "status", "new")
+        set_(self, "retries", 0)
+        set_(self, "ran_at", None)
+        set_(self, "error", None)
+        set_(self, "created_at", None)
+
+    @classmethod
+    def _from_row(
+        cls,
+        *,
+        id: int | str,
+        fingerprint: str,
+        queue: str,
+        status: JobStatus,
+        deadline: datetime | None,
+        payload: dict[str, Any] | None,
+        retries: int | None,
+        max_retries: int | None,
+        run_after: datetime | None,
+        ran_at: datetime | None,
+        created_at: datetime | None,
+        error: str | None,
+    ) -> Job:
+        """Rebuild a job as stored; timestamps are converted to UTC."""
+        job = cls(
+            queue,
+            payload,
+            fingerprint=fingerprint,
+            run_after=_utc(run_after),
+            deadline=_utc(deadline),
+            max_retries=max_retries,
+        )
+        set_ = object.__setattr__
+        set_(job, "id", str(id))
+        set_(job, "status", status)
+        set_(job, "retries", retries or 0)
+        set_(job, "ran_at", _utc(ran_at))
+        set_(job, "error", error or None)  # Go neoq stores "" for no error
+        set_(job, "created_at", _utc(created_at))
+        return job
+
+    def _replace(self, **changes: Any) -> Job:
+        """A copy with some fields changed, read-only ones included."""
+        job = Job(self.queue)
+        for f in dataclasses.fields(self):
+            object.__setattr__(job, f.name, changes.get(f.name, getattr(self, f.name)))
+        return job
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value.astimezone(UTC) if value is not None else None
+
+
+def validate_job(job: Job) -> None:
+    """Check a job before it is enqueued.
+
+    Raises:
+        NoQueueError: the queue is empty.
+        InvalidJobError: a naive timestamp, a negative ``max_retries``, or a
+            payload that is not a dict (JSON object) or None.
+    """
+    if not isinstance(job.queue, str) or not job.queue:
+        raise NoQueueError("the job has no queue: give Job a queue name")
+    if job.payload is not None and not isinstance(job.payload, dict):
+        raise InvalidJobError(
+            f"the payload must be a JSON object (a dict) or None, got {type(job.payload).__name__}"
+        )
+    for name in ("run_after", "deadline"):
+        value = getattr(job, name)
+        if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+            raise InvalidJobError(f"{name} must be a timezone-aware datetime, got {value!r}")
+    retries = job.max_retries
+    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
+        raise InvalidJobError(f"max_retries must be an int or None, got {retries!r}")
+    if retries is not None and retries < 0:
+        raise InvalidJobError(f"max_retries must not be negative, got {retries}")
+
+
+HandleFunc: TypeAlias = "Callable[[Job], Awaitable[Any]]"
+RecoverCallback: TypeAlias = "Callable[[Job, BaseException], Any]"
+
+
+@dataclass(frozen=True, slots=True)
+class Handler:
+    """Runs the jobs of one queue.
+
+    Args:
+        queue: the queue to process. ``""`` with ``start_cron`` derives the
+            queue name from the schedule.
+        handle: ``async def handle(job: Job) -> None``. Returning marks the
+            job processed; raising marks it failed (and retried with backoff).
+        concurrency: at most this many jobs of the queue run at once in this
+            process (default 50, as Go neoq). Each job in flight holds a
+            pooled connection.
+        job_timeout: seconds (or ``timedelta``) after which a running job is
+            cancelled and fails with ``JobTimeoutError`` (default 30 s);
+            ``None`` for no limit. It may not exceed the backend's
+            ``transaction_timeout``.
+        max_queue_capacity: accepted for Go neoq parity; the PostgreSQL
+            backend ignores it (the table is the queue).
+        recover_callback: ``callback(job, exc)``, sync or async, called for
+            every exception the handler raises; replaces the backend's
+            ``recovery_callback``.
+
+    Raises:
+        ConfigurationError: a non-positive concurrency, a negative timeout,
+            or a ``handle`` that is not an async callable.
+    """
+
+    queue: str
+    handle: HandleFunc
+    concurrency: int = DEFAULT_CONCURRENCY
+    job_timeout: float | timedelta | None = DEFAULT_JOB_TIMEOUT
+    max_queue_capacity: int | None = None
+    recover_callback: RecoverCallback | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.queue, str):
+            raise ConfigurationError(f"queue must be a str, got {self.queue!r}")
+        if not callable(self.handle):
+            raise ConfigurationError(f"handle must be an async callable, got {self.handle!r}")
+        if not _is_async_callable(self.handle):
+            raise ConfigurationError(
+                f"handle must be an async function (async def), got {self.handle!r}"
+            )
+        c = self.concurrency
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ConfigurationError(f"concurrency must be a positive int, got {c!r}")
+        if self.job_timeout is not None:
+            seconds = to_seconds(self.job_timeout, name="job_timeout", allow_zero=False)
+            object.__setattr__(self, "job_timeout", seconds)
+        cap = self.max_queue_capacity
+        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+            raise ConfigurationError(f"max_queue_capacity must be a positive int, got {cap!r}")
+        if self.recover_callback is not None and not callable(self.recover_callback):
+            raise ConfigurationError("recover_callback must be callable")
+
+    @property
+    def timeout_seconds(self) -> float | None:
+        """``job_timeout`` in seconds (``None``: no limit)."""
+        timeout = self.job_timeout
+        return timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+
+
+def _is_async_callable(obj: Any) -> bool:
+    while isinstance(obj, functools.partial):
+        obj = obj.func
+    return inspect.iscoroutinefunction(obj) or inspect.iscoroutinefunction(
+        getattr(obj, "__call__", None)  # noqa: B004 - objects with an async __call__
+    )

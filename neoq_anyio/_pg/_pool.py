@@ -1,0 +1,348 @@
+"""An AnyIO-native connection pool.
+
+``psycopg_pool`` is built on free-running asyncio tasks and does not open
+under trio, so neoq_anyio keeps its own small pool. It follows pgxpool's
+model and options (``pool_max_conns``, ``pool_min_conns``, lifetimes, idle
+time, health-check period, lifetime jitter) because users bring those from
+Go neoq's connection strings.
+
+Design:
+
+* Idle connections sit on a LIFO stack, so a busy process reuses warm
+  connections and the cold ones age out.
+* Waiters queue FIFO; a released connection (or a free slot, when a
+  connection is discarded) is handed to the oldest waiter directly.
+* Whoever needs a new connection opens it itself, in its own task: nothing
+  runs outside the caller's or the maintenance task's scope.
+* Maintenance (``run()``) lives in the backend's task group: it closes
+  connections past their lifetime or idle time and keeps ``min_conns`` open.
+* A connection comes back with its query finished (see ``_connection``); a
+  transaction left open is rolled back, and a connection in any doubtful
+  state is closed rather than reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import select
+from collections import deque
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import anyio
+from psycopg import errors as e
+from psycopg import pq
+
+from neoq_anyio._exceptions import DatabaseError, PoolTimeoutError
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Awaitable, Callable
+
+    from anyio.abc import TaskStatus
+
+    from neoq_anyio._dsn import PoolOptions
+
+    from ._connection import AnyioConnection
+
+__all__ = ["ConnectionPool", "PoolStatistics"]
+
+logger = logging.getLogger("neoq_anyio")
+
+_IDLE = pq.TransactionStatus.IDLE
+_OK = pq.ConnStatus.OK
+_RESET_TIMEOUT = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class PoolStatistics:
+    """A snapshot of the pool: connections open, idle, lent out, and tasks waiting."""
+
+    size: int
+    idle: int
+    in_use: int
+    waiting: int
+    max_size: int
+
+
+class _Waiter:
+    __slots__ = ("conn", "event", "slot")
+
+    def __init__(self) -> None:
+        self.event = anyio.Event()
+        self.conn: AnyioConnection | None = None
+        self.slot = False  # granted the right to open a new connection
+
+
+class _Entry:
+    """Bookkeeping the pool keeps beside each connection it opened."""
+
+    __slots__ = ("expires_at", "idle_since")
+
+    def __init__(self, expires_at: float) -> None:
+        self.expires_at = expires_at
+        self.idle_since = 0.0
+
+
+def _looks_alive(conn: AnyioConnection) -> bool:
+    """Cheap liveness check for an idle connection, without a round trip.
+
+    An idle connection has nothing to read unless the server closed it
+    (restart, ``pg_terminate_backend``, idle timeout) or sent a message;
+    reading then tells libpq, which marks a dead connection BAD.
+    """
+    pgconn = conn.pgconn
+    if pgconn.status != _OK:
+        return False
+    poller = select.poll()
+    poller.register(pgconn.socket, select.POLLIN)
+    if poller.poll(0):
+        try:
+            pgconn.consume_input()
+        except e.OperationalError:
+            return False
+        while pgconn.notifies() is not None:  # stray notifications: not ours
+            pass
+    return pgconn.status == _OK and pgconn.transaction_status == _IDLE
+
+
+class ConnectionPool:
+    """Lends AnyioConnections, at most ``options.max_conns`` at a time.
+
+    Args:
+        connect: opens and configures a new connection.
+        options: sizes and lifetimes from the connection string.
+        connection_timeout: default seconds ``acquire`` waits before
+            ``PoolTimeoutError``.
+        redact: scrubs secrets from messages that reach errors or logs.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Awaitable[AnyioConnection]],
+        options: PoolOptions,
+        *,
+        connection_timeout: float,
+        redact: Callable[[str], str] = str,
+    ) -> None:
+        self._connect = connect
+        self._options = options
+        self._timeout = connection_timeout
+        self._redact = redact
+        self._idle: list[AnyioConnection] = []
+        self._entries: dict[int, _Entry] = {}
+        self._waiters: deque[_Waiter] = deque()
+        self._size = 0  # connections open or being opened
+        self._closed = False
+
+    # -- lending -------------------------------------------------------------
+
+    @asynccontextmanager
+    async def connection(self, timeout: float | None = None) -> AsyncIterator[AnyioConnection]:
+        """Lend a connection for the block; it returns to the pool afterwards.
+
+        Raises:
+            PoolTimeoutError: none was free within ``timeout`` (default:
+                ``connection_timeout``).
+            DatabaseError: a new connection could not be opened.
+        """
+        conn = await self.acquire(timeout)
+        try:
+            yield conn
+        finally:
+            await self.release(conn)
+
+    async def acquire(self, timeout: float | None = None) -> AnyioConnection:
+        """Take a connection out of the pool; give it back with ``release``.
+
+        Raises:
+            PoolTimeoutError: none was free within ``timeout`` (default:
+                ``connection_timeout``; ``math.inf`` waits for ever).
+            DatabaseError: a new connection could not be opened.
+        """
+        await anyio.lowlevel.checkpoint_if_cancelled()
+        if self._closed:
+            raise DatabaseError("the connection pool is closed")
+        while self._idle:
+            conn = self._idle.pop()
+            if self._usable(conn):
+                return conn
+            self._discard(conn)
+        timeout = self._timeout if timeout is None else timeout
+        with anyio.move_on_after(timeout) as scope:
+            if self._size < self._options.max_conns:
+                self._size += 1
+                return await self._open()
+            return await self._wait_for_connection()
+        assert scope.cancelled_caught
+        raise PoolTimeoutError(
+            f"no pooled connection became free within {timeout:g} s "
+            f"(pool_max_conns={self._options.max_conns}); "
+            "raise pool_max_conns or connection_timeout"
+        )
+
+    async def _wait_for_connection(self) -> AnyioConnection:
+        waiter = _Waiter()
+        self._waiters.append(waiter)
+        try:
+            await waiter.event.wait()
+        except BaseException:
+            # Timed out or cancelled: leave the queue, and pass on whatever
+            # was handed over meanwhile so it is not lost.
+            if waiter.conn is not None:
+                self._put(waiter.conn)
+            elif waiter.slot:
+                self._size -= 1
+                self._grant_slot()
+            elif waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+        if waiter.conn is not None:
+            return waiter.conn
+        if not waiter.slot:
+            raise DatabaseError("the connection pool is closed")
+        return await self._open()  # granted a slot: this task opens a connection
+
+    async def _open(self) -> AnyioConnection:
+        """Open a connection into a slot already counted in ``_size``."""
+        try:
+            conn = await self._connect()
+        except BaseException as exc:
+            self._size -= 1
+            self._grant_slot()
+            if isinstance(exc, e.Error):
+                raise DatabaseError(self._redact(f"cannot connect: {exc}")) from None
+            raise
+        lifetime = self._options.max_conn_lifetime
+        if lifetime > 0:
+            lifetime += random.uniform(0, self._options.max_conn_lifetime_jitter)
+        expires = anyio.current_time() + lifetime if lifetime > 0 else math.inf
+        self._entries[id(conn)] = _Entry(expires)
+        return conn
+
+    async def release(self, conn: AnyioConnection) -> None:
+        """Give a connection back. Open transactions are rolled back; broken
+        or doubtful connections are closed instead of reused."""
+        pgconn = conn.pgconn
+        if pgconn.transaction_status != _IDLE and pgconn.status == _OK and not self._closed:
+            # Shielded: release often runs in a block being cancelled, and a
+            # connection must come back either clean or closed.
+            with anyio.move_on_after(_RESET_TIMEOUT, shield=True):
+                try:
+                    await conn.rollback()
+                except e.Error as exc:
+                    logger.debug("rollback on release failed: %s", self._redact(str(exc)))
+        if pgconn.transaction_status == _IDLE:
+            conn._autocommit = True  # internal work batches its own BEGIN/COMMIT
+        if self._usable(conn):
+            self._put(conn)
+        else:
+            self._discard(conn)
+
+    def _usable(self, conn: AnyioConnection) -> bool:
+        entry = self._entries.get(id(conn))
+        return (
+            not self._closed
+            and entry is not None
+            and entry.expires_at > anyio.current_time()
+            and _looks_alive(conn)
+        )
+
+    def _put(self, conn: AnyioConnection) -> None:
+        """Hand a healthy connection to the oldest waiter, or park it idle."""
+        if self._closed:
+            self._discard(conn)
+            return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            waiter.conn = conn
+            waiter.event.set()
+            return
+        self._entries[id(conn)].idle_since = anyio.current_time()
+        self._idle.append(conn)
+
+    def _discard(self, conn: AnyioConnection) -> None:
+        """Close a connection and let a waiter open a replacement."""
+        self._entries.pop(id(conn), None)
+        conn.pgconn.finish()
+        self._size -= 1
+        self._grant_slot()
+
+    def _grant_slot(self) -> None:
+        if self._waiters and self._size < self._options.max_conns and not self._closed:
+            waiter = self._waiters.popleft()
+            self._size += 1
+            waiter.slot = True
+            waiter.event.set()
+
+    # -- maintenance -----------------------------------------------------------
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Maintenance loop, run in the backend's task group until cancelled.
+
+        Every ``health_check_period`` it closes idle connections past their
+        lifetime or idle time, or found dead, and tops the pool up to
+        ``min_conns``.
+        """
+        task_status.started()
+        while True:
+            await self._check_idle()
+            await self._fill_to_minimum()
+            await anyio.sleep(self._options.health_check_period)
+
+    async def _check_idle(self) -> None:
+        now = anyio.current_time()
+        max_idle = self._options.max_conn_idle_time
+        keep: list[AnyioConnection] = []
+        for conn in self._idle:
+            entry = self._entries[id(conn)]
+            too_idle = (
+                max_idle > 0
+                and now - entry.idle_since > max_idle
+                and len(keep) + self._in_use() >= self._options.min_conns
+            )
+            if too_idle or not self._usable(conn):
+                self._discard(conn)
+            else:
+                keep.append(conn)
+        self._idle[:] = keep
+        await anyio.lowlevel.checkpoint()
+
+    async def _fill_to_minimum(self) -> None:
+        while not self._closed and self._size < self._options.min_conns:
+            self._size += 1
+            try:
+                conn = await self._open()
+            except DatabaseError as exc:
+                logger.warning("pool could not open a connection: %s", exc)
+                return
+            self._put(conn)
+
+    def _in_use(self) -> int:
+        return self._size - len(self._idle)
+
+    # -- closing -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Close idle connections now; lent ones are closed when released."""
+        self._closed = True
+        for conn in self._idle:
+            self._entries.pop(id(conn), None)
+            conn.pgconn.finish()
+            self._size -= 1
+        self._idle.clear()
+        for waiter in self._waiters:
+            waiter.event.set()  # woken with nothing: they raise below
+        self._waiters.clear()
+
+    def statistics(self) -> PoolStatistics:
+        """Current counts, for monitoring and tests."""
+        return PoolStatistics(
+            size=self._size,
+            idle=len(self._idle),
+            in_use=self._in_use(),
+            waiting=len(self._waiters),
+            max_size=self._options.max_conns,
+        )

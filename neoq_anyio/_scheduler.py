@@ -1,0 +1,165 @@
+"""Background look-ups that find jobs no notification announced.
+
+* ``FutureJobs``: every ``job_check_interval`` it lists jobs coming due
+  within ``future_job_window`` (retries included) and wakes their queue's
+  workers when each comes due; jobs enqueued by this process are added
+  directly. Times are measured on the database's clock.
+* ``PendingJobs``: every ``pending_job_check_interval``, and when poked
+  (start, reconnection), it asks each queue whether a due job waits, and if
+  so sweeps the queue; this is how jobs queued while nobody listened, or
+  whose notification was lost, get run.
+"""
+
+from __future__ import annotations
+
+import heapq
+from typing import TYPE_CHECKING, NoReturn
+
+import anyio
+import psycopg
+
+from . import _sql
+from ._exceptions import DatabaseError
+
+if TYPE_CHECKING:
+    import logging
+    from collections.abc import Callable, Mapping
+
+    from anyio.abc import TaskStatus
+
+    from ._pg._pool import ConnectionPool
+    from ._wakeups import Wakeups
+
+__all__ = ["FutureJobs", "PendingJobs"]
+
+_DB_ERRORS = (psycopg.Error, DatabaseError)
+
+
+class _Poke:
+    """A re-armable wake-up for a background loop."""
+
+    def __init__(self) -> None:
+        self._event = anyio.Event()
+
+    def set(self) -> None:
+        self._event.set()
+
+    async def wait(self, timeout: float) -> None:
+        with anyio.move_on_after(timeout):
+            await self._event.wait()
+        if self._event.is_set():
+            self._event = anyio.Event()
+
+
+class FutureJobs:
+    """Wakes queues when their future jobs come due."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        queues: Mapping[str, Wakeups],
+        *,
+        window: float,
+        interval: float,
+        logger: Callable[[], logging.Logger],
+        redact: Callable[[str], str],
+    ) -> None:
+        self._pool = pool
+        self._queues = queues
+        self._window = window
+        self._interval = interval
+        self._logger = logger
+        self._redact = redact
+        self._heap: list[tuple[float, int, str]] = []  # (due on anyio's clock, id, queue)
+        self._known: set[int] = set()
+        self._poke = _Poke()
+        self._scan_now = False
+
+    def add(self, job_id: int, queue: str, delay: float) -> None:
+        """Schedule a wake-up for a job due in ``delay`` seconds, if within the window."""
+        if delay > self._window or job_id in self._known:
+            return
+        self._known.add(job_id)
+        heapq.heappush(self._heap, (anyio.current_time() + delay, job_id, queue))
+        self._poke.set()
+
+    def rescan(self) -> None:
+        """Look for future jobs now (a queue was added)."""
+        self._scan_now = True
+        self._poke.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> NoReturn:
+        task_status.started()
+        next_scan = anyio.current_time()
+        while True:
+            now = anyio.current_time()
+            if now >= next_scan or self._scan_now:
+                self._scan_now = False
+                await self._scan()
+                now = anyio.current_time()
+                next_scan = now + self._interval
+            while self._heap and self._heap[0][0] <= now:
+                _, job_id, queue = heapq.heappop(self._heap)
+                self._known.discard(job_id)
+                wakeups = self._queues.get(queue)
+                if wakeups is not None:
+                    wakeups.hint()
+            until = min(next_scan, self._heap[0][0]) if self._heap else next_scan
+            await self._poke.wait(max(0.0, until - now))
+
+    async def _scan(self) -> None:
+        queues = list(self._queues)
+        if not queues:
+            return
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(_sql.FutureJobQuery, (queues, self._window))
+                rows = await cur.fetchall()
+        except _DB_ERRORS as exc:
+            self._logger().warning("cannot look up future jobs: %s", self._redact(str(exc)))
+            return
+        for job_id, queue, seconds in rows:
+            self.add(job_id, queue, max(0.0, seconds))
+
+
+class PendingJobs:
+    """Sweeps queues that have due jobs nobody announced."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        queues: Mapping[str, Wakeups],
+        *,
+        interval: float,
+        logger: Callable[[], logging.Logger],
+        redact: Callable[[str], str],
+    ) -> None:
+        self._pool = pool
+        self._queues = queues
+        self._interval = interval
+        self._logger = logger
+        self._redact = redact
+        self._poke = _Poke()
+
+    def poke(self) -> None:
+        """Check every queue now."""
+        self._poke.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> NoReturn:
+        task_status.started()
+        while True:
+            await self._check()
+            await self._poke.wait(self._interval)
+
+    async def _check(self) -> None:
+        queues = list(self._queues.items())
+        if not queues:
+            return
+        try:
+            async with self._pool.connection() as conn:
+                for queue, wakeups in queues:
+                    cur = await conn.execute(_sql.PendingJobIDQuery, (queue,))
+                    if await cur.fetchone() is not None:
+                        wakeups.sweep()
+        except _DB_ERRORS as exc:
+            self._logger().warning("cannot look up pending jobs: %s", self._redact(str(exc)))

@@ -1,0 +1,90 @@
+"""Waking a queue's idle workers: the one synchronisation point between the
+listener, the schedulers and the workers of a queue.
+
+Two kinds of wake-up exist. A *hint* says "one job became due" (a
+notification, a future job reaching its time): it wakes one worker, which
+takes one job. A *sweep* says "an unknown number of jobs may be due" (start,
+reconnection, the pending-job poller): it wakes every idle worker, and they
+keep taking jobs until one finds none. So a single job costs one fetch, and
+a backlog drains at full concurrency.
+
+Every process sharing a database hears every notification, so hints
+outnumber jobs there; a worker that finds nothing drops the hints that
+predate its fetch (``mark``/``found_nothing``), which keeps the wasted
+fetches to about one per process instead of one per job.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from enum import Enum
+
+import anyio
+
+__all__ = ["Wake", "Wakeups"]
+
+
+class Wake(Enum):
+    HINT = "hint"
+    SWEEP = "sweep"
+    STOP = "stop"
+
+
+class Wakeups:
+    """Hints and sweeps for one queue, and the idle workers waiting for them."""
+
+    def __init__(self) -> None:
+        self._hints = 0
+        self._received = 0  # hints ever received, to tell stale ones apart
+        self._sweeping = False
+        self._stopped = False
+        self._idle: deque[anyio.Event] = deque()
+
+    def hint(self) -> None:
+        """One job became due: wake one idle worker."""
+        self._hints += 1
+        self._received += 1
+        if self._idle:
+            self._idle.popleft().set()
+
+    def sweep(self) -> None:
+        """Jobs may be due: every idle worker looks until the queue is empty."""
+        self._sweeping = True
+        self._wake_all()
+
+    def mark(self) -> int:
+        """Taken before a fetch; pass it to ``found_nothing`` if the fetch is empty."""
+        return self._received
+
+    def found_nothing(self, mark: int) -> None:
+        """A fetch started at ``mark`` found no due job: the sweep is over, and
+        hints received before the fetch announced jobs that are taken."""
+        self._sweeping = False
+        self._hints = min(self._hints, self._received - mark)
+
+    def stop(self) -> None:
+        """Shutdown: every worker returns STOP from now on."""
+        self._stopped = True
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        while self._idle:
+            self._idle.popleft().set()
+
+    async def wait(self) -> Wake:
+        """Wait for work; returns what woke this worker."""
+        while True:
+            if self._stopped:
+                return Wake.STOP
+            if self._hints:
+                self._hints -= 1
+                return Wake.HINT
+            if self._sweeping:
+                return Wake.SWEEP
+            event = anyio.Event()
+            self._idle.append(event)
+            try:
+                await event.wait()
+            finally:
+                if not event.is_set():
+                    self._idle.remove(event)

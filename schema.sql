@@ -1,0 +1,131 @@
+-- neoq_anyio schema: the one source of the database schema.
+--
+-- It is Go neoq's schema (backends/postgres/migrations, up to version
+-- 20240302172413) written so that it can run on an empty schema, on a schema
+-- Go neoq migrated, or on one this file already created: every statement is
+-- idempotent and changes are only additive. neoq_anyio runs it inside one
+-- transaction holding an advisory lock (see neoq_anyio/_schema.py), and only
+-- when neoq_anyio_migrations lacks its version, so concurrent startups
+-- migrate once.
+--
+-- Objects are created in the first schema of the session's search_path, so
+-- a DSN with options=-csearch_path=NAME gets a schema of its own.
+
+DO $$ BEGIN
+    CREATE TYPE job_status AS ENUM ('new', 'processed', 'failed');
+EXCEPTION
+    WHEN duplicate_object THEN NULL;
+END $$;
+
+CREATE TABLE IF NOT EXISTS neoq_dead_jobs (
+    id SERIAL NOT NULL,
+    fingerprint text NOT NULL,
+    queue text NOT NULL,
+    status job_status NOT NULL DEFAULT 'failed',
+    payload jsonb,
+    retries integer,
+    max_retries integer,
+    created_at timestamp with time zone DEFAULT now(),
+    error text
+);
+
+CREATE TABLE IF NOT EXISTS neoq_jobs (
+    id SERIAL NOT NULL,
+    fingerprint text NOT NULL,
+    queue text NOT NULL,
+    status job_status NOT NULL DEFAULT 'new',
+    payload jsonb,
+    retries integer DEFAULT 0,
+    max_retries integer DEFAULT 23,
+    run_after timestamp with time zone DEFAULT now(),
+    ran_at timestamp with time zone,
+    created_at timestamp with time zone DEFAULT now(),
+    error text
+);
+
+CREATE INDEX IF NOT EXISTS neoq_job_fetcher_idx ON neoq_jobs (id, status, run_after);
+CREATE INDEX IF NOT EXISTS neoq_jobs_fetcher_idx ON neoq_jobs (queue, status, run_after);
+
+-- 20230827174530_add_deadline_field_to_jobs
+ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS deadline timestamp with time zone;
+ALTER TABLE neoq_dead_jobs ADD COLUMN IF NOT EXISTS deadline timestamp with time zone;
+
+-- 20230902105301 and 20240302172413: at most one unprocessed job per queue,
+-- fingerprint and status. Go's older (fingerprint, status) index is replaced.
+DO $$ BEGIN
+    IF EXISTS (
+        SELECT 1 FROM pg_indexes
+        WHERE schemaname = current_schema()
+          AND indexname = 'neoq_jobs_fingerprint_unique_idx'
+          AND indexdef NOT LIKE '%(queue, fingerprint, status)%'
+    ) THEN
+        DROP INDEX neoq_jobs_fingerprint_unique_idx;
+    END IF;
+END $$;
+DROP INDEX IF EXISTS neoq_jobs_fingerprint_idx;
+CREATE UNIQUE INDEX IF NOT EXISTS neoq_jobs_fingerprint_unique_idx
+    ON neoq_jobs (queue, fingerprint, status) WHERE NOT (status = 'processed');
+
+-- 20230928141356_create-new-job-trigger: announce due jobs on the channel
+-- named after their queue, with the job id as payload.
+CREATE OR REPLACE FUNCTION announce_job() RETURNS trigger AS $$
+BEGIN
+    PERFORM pg_notify(CAST(NEW.queue AS text), CAST(NEW.id AS text));
+    RETURN NEW;
+END;
+$$ LANGUAGE plpgsql;
+
+DO $$ BEGIN
+    IF NOT EXISTS (
+        SELECT 1 FROM pg_trigger
+        WHERE tgname = 'announce_job' AND tgrelid = 'neoq_jobs'::regclass
+    ) THEN
+        CREATE TRIGGER announce_job
+            AFTER INSERT ON neoq_jobs FOR EACH ROW
+            WHEN (NEW.run_after <= timezone('utc', NEW.created_at))
+            EXECUTE PROCEDURE announce_job();
+    END IF;
+END $$;
+
+-- 20231005160721_make-job-id-bigint
+DO $$ BEGIN
+    IF (SELECT data_type FROM information_schema.columns
+        WHERE table_schema = current_schema()
+          AND table_name = 'neoq_jobs' AND column_name = 'id') <> 'bigint' THEN
+        ALTER TABLE neoq_jobs ALTER COLUMN id SET DATA TYPE bigint;
+        ALTER SEQUENCE neoq_jobs_id_seq AS bigint;
+    END IF;
+END $$;
+
+-- Go neoq's golang-migrate bookkeeping: with this row a Go neoq service
+-- sees the schema as current and migrates nothing.
+CREATE TABLE IF NOT EXISTS neoq_schema_migrations (
+    version bigint NOT NULL PRIMARY KEY,
+    dirty boolean NOT NULL
+);
+INSERT INTO neoq_schema_migrations (version, dirty)
+SELECT 20240302172413, false
+WHERE NOT EXISTS (SELECT 1 FROM neoq_schema_migrations);
+
+-- neoq_anyio additions (additive only; Go neoq ignores them).
+
+-- Due and future jobs are looked up by queue among unprocessed rows; keeping
+-- processed rows out of the index keeps those look-ups flat as history grows.
+CREATE INDEX IF NOT EXISTS neoq_anyio_jobs_due_idx
+    ON neoq_jobs (queue, run_after, id) WHERE status <> 'processed';
+
+-- neoq_jobs.id became bigint in Go neoq, but neoq_dead_jobs.id stayed an
+-- integer, so burying a job with an id past 2^31 would fail. Widening is
+-- compatible with Go neoq's inserts.
+DO $$ BEGIN
+    IF (SELECT data_type FROM information_schema.columns
+        WHERE table_schema = current_schema()
+          AND table_name = 'neoq_dead_jobs' AND column_name = 'id') <> 'bigint' THEN
+        ALTER TABLE neoq_dead_jobs ALTER COLUMN id SET DATA TYPE bigint;
+    END IF;
+END $$;
+
+CREATE TABLE IF NOT EXISTS neoq_anyio_migrations (
+    version integer NOT NULL PRIMARY KEY,
+    applied_at timestamp with time zone NOT NULL DEFAULT now()
+);
