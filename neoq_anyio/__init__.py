@@ -6,6 +6,8 @@ backend whose one task group holds every background task.
 
 from __future__ import annotations
 
+import contextlib
+
 from ._backend import DEFAULT_CONNECTION_TIMEOUT as DEFAULT_CONNECTION_TIMEOUT
 from ._backend import BackendStatistics as BackendStatistics
 from ._backend import PostgresBackend as PostgresBackend
@@ -62,8 +64,6 @@ __all__ = (
 for _name in __all__:
     _obj = globals()[_name]
     if getattr(_obj, "__module__", "").startswith("neoq_anyio."):
-        try:
+        with contextlib.suppress(AttributeError, TypeError):
             _obj.__module__ = __name__
-        except (AttributeError, TypeError):
-            pass
 del _name, _obj

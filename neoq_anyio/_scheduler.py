@@ -35,6 +35,9 @@ __all__ = ["FutureJobs", "PendingJobs"]
 _DB_ERRORS = (psycopg.Error, DatabaseError)
 
 
+_RETRY_AFTER_ERROR = 1.0  # seconds before a failed look-up is tried again
+
+
 class _Poke:
     """A re-armable wake-up for a background loop."""
 
@@ -95,9 +98,11 @@ class FutureJobs:
             now = anyio.current_time()
             if now >= next_scan or self._scan_now:
                 self._scan_now = False
-                await self._scan()
+                ok = await self._scan()
                 now = anyio.current_time()
-                next_scan = now + self._interval
+                next_scan = now + (
+                    self._interval if ok else max(self._interval, _RETRY_AFTER_ERROR)
+                )
             while self._heap and self._heap[0][0] <= now:
                 _, job_id, queue = heapq.heappop(self._heap)
                 self._known.discard(job_id)
@@ -107,19 +112,20 @@ class FutureJobs:
             until = min(next_scan, self._heap[0][0]) if self._heap else next_scan
             await self._poke.wait(max(0.0, until - now))
 
-    async def _scan(self) -> None:
+    async def _scan(self) -> bool:
         queues = list(self._queues)
         if not queues:
-            return
+            return True
         try:
             async with self._pool.connection() as conn:
                 cur = await conn.execute(_sql.FutureJobQuery, (queues, self._window))
                 rows = await cur.fetchall()
         except _DB_ERRORS as exc:
             self._logger().warning("cannot look up future jobs: %s", self._redact(str(exc)))
-            return
+            return False
         for job_id, queue, seconds in rows:
             self.add(job_id, queue, max(0.0, seconds))
+        return True
 
 
 class PendingJobs:
@@ -148,13 +154,13 @@ class PendingJobs:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> NoReturn:
         task_status.started()
         while True:
-            await self._check()
-            await self._poke.wait(self._interval)
+            ok = await self._check()
+            await self._poke.wait(self._interval if ok else min(self._interval, _RETRY_AFTER_ERROR))
 
-    async def _check(self) -> None:
+    async def _check(self) -> bool:
         queues = list(self._queues.items())
         if not queues:
-            return
+            return True
         try:
             async with self._pool.connection() as conn:
                 for queue, wakeups in queues:
@@ -163,3 +169,5 @@ class PendingJobs:
                         wakeups.sweep()
         except _DB_ERRORS as exc:
             self._logger().warning("cannot look up pending jobs: %s", self._redact(str(exc)))
+            return False
+        return True

@@ -62,6 +62,11 @@ class Wakeups:
         self._sweeping = False
         self._hints = min(self._hints, self._received - mark)
 
+    def retry(self) -> None:
+        """A fetch failed (database unreachable): keep sweeping, without
+        waking more workers, so the caller tries again."""
+        self._sweeping = True
+
     def stop(self) -> None:
         """Shutdown: every worker returns STOP from now on."""
         self._stopped = True

@@ -111,12 +111,14 @@ class QueueWorkers:
                     found = await self._take_and_run()
                 except _DB_ERRORS as exc:
                     self._logger().warning(
-                        "queue %s: cannot take a job: %s",
+                        "queue %s: cannot take a job, retrying in %g s: %s",
                         self.handler.queue,
+                        _ERROR_PAUSE,
                         self._redact(str(exc)),
                     )
-                    found = False
                     await anyio.sleep(_ERROR_PAUSE)
+                    self.wakeups.retry()
+                    continue
                 if not found:
                     self.wakeups.found_nothing(mark)
         finally:

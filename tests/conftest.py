@@ -56,22 +56,45 @@ def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: objec
         pytest.mark.anyio(obj)
 
 
+class Server:
+    """The PostgreSQL the tests use; ``restart`` is None for an external server."""
+
+    def __init__(self, dsn: str, restart: Callable[[], None] | None = None) -> None:
+        self.dsn = dsn
+        self.restart = restart
+
+
 @pytest.fixture(scope="session")
-def server_dsn() -> Iterator[str]:
-    """A libpq conninfo for a database the tests may create schemas in."""
+def server() -> Iterator[Server]:
     given = os.environ.get("NEOQ_TEST_DSN")
     if given:
-        yield given
+        yield Server(given)
         return
     import pgserver
+    from pgserver._commands import pg_ctl
 
     datadir = tempfile.mkdtemp(prefix="neoq-pg-")
-    server = pgserver.get_server(datadir, cleanup_mode="stop")
+    embedded = pgserver.get_server(datadir, cleanup_mode="stop")
+
+    def restart() -> None:
+        pg_ctl(
+            ["-w", "-m", "fast", "restart"],
+            pgdata=embedded.pgdata,
+            user=embedded.system_user,
+            timeout=30,
+        )
+
     try:
-        yield server.get_uri()
+        yield Server(embedded.get_uri(), restart)
     finally:
-        server.cleanup()
+        embedded.cleanup()
         shutil.rmtree(datadir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def server_dsn(server: Server) -> str:
+    """A libpq conninfo for a database the tests may create schemas in."""
+    return server.dsn
 
 
 def with_params(dsn: str, **params: str) -> str:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import select
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -33,9 +34,13 @@ import psycopg
 from psycopg import errors as e
 from psycopg import pq
 from psycopg.rows import TupleRow, tuple_row
+from psycopg.transaction import AsyncTransaction
 from psycopg.waiting import Ready, Wait
 
 if TYPE_CHECKING:
+    from collections.abc import AsyncIterator
+    from types import TracebackType
+
     from psycopg.abc import RV, PQGen
 
 __all__ = ["AnyioConnection", "connect"]
@@ -115,6 +120,29 @@ async def _drive(gen: PQGen[RV], fileno: int) -> RV:
         return result
 
 
+class _ShieldedTransaction(AsyncTransaction):
+    """psycopg's transaction block, ending shielded.
+
+    Under level-triggered cancellation (trio, AnyIO cancel scopes) the
+    ROLLBACK that ends a cancelled block would itself be cancelled, leaving
+    psycopg's bookkeeping inside a transaction that no longer exists; so the
+    block's end runs shielded, bounded by ``CANCEL_GRACE``.
+    """
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> bool:
+        with anyio.CancelScope(shield=True) as scope:
+            scope.deadline = anyio.current_time() + CANCEL_GRACE
+            return await super().__aexit__(exc_type, exc_val, exc_tb)
+        logger.warning("transaction did not end after cancellation: closing connection")
+        self._conn.pgconn.finish()
+        return False
+
+
 class AnyioConnection(psycopg.AsyncConnection[TupleRow]):
     """A psycopg ``AsyncConnection`` usable on both asyncio and trio.
 
@@ -127,7 +155,9 @@ class AnyioConnection(psycopg.AsyncConnection[TupleRow]):
     def __init__(self, pgconn: pq.abc.PGconn, row_factory: Any = tuple_row) -> None:
         super().__init__(pgconn, row_factory)
         # psycopg's asyncio.Lock fails under trio as soon as it is contended.
-        self.lock = anyio.Lock()  # type: ignore[assignment]
+        # fast_acquire: an uncontended acquire does not yield to the loop;
+        # the wait on the socket that follows is the checkpoint.
+        self.lock = anyio.Lock(fast_acquire=True)  # type: ignore[assignment]
 
     async def wait(self, gen: PQGen[RV], interval: float = 0.0, timeout: float | None = None) -> RV:
         """Consume a psycopg generator, waiting on the socket through AnyIO.
@@ -174,6 +204,20 @@ class AnyioConnection(psycopg.AsyncConnection[TupleRow]):
         if scope.cancelled_caught or self.pgconn.transaction_status == _ACTIVE:
             logger.warning("query not terminated after cancellation: closing connection")
             self.pgconn.finish()
+
+    @asynccontextmanager
+    async def transaction(
+        self, savepoint_name: str | None = None, force_rollback: bool = False
+    ) -> AsyncIterator[AsyncTransaction]:
+        """psycopg's ``transaction()``, whose end survives cancellation (see
+        ``_ShieldedTransaction``)."""
+        tx = _ShieldedTransaction(self, savepoint_name, force_rollback)
+        if self._pipeline:
+            async with self.pipeline(), tx, self.pipeline():
+                yield tx
+        else:
+            async with tx:
+                yield tx
 
     async def cancel_safe(self, *, timeout: float = 30.0) -> None:
         """Cancel the current operation on the connection (psycopg's API, without asyncio)."""

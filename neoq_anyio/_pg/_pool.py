@@ -89,23 +89,18 @@ class _Entry:
 def _looks_alive(conn: AnyioConnection) -> bool:
     """Cheap liveness check for an idle connection, without a round trip.
 
-    An idle connection has nothing to read unless the server closed it
-    (restart, ``pg_terminate_backend``, idle timeout) or sent a message;
-    reading then tells libpq, which marks a dead connection BAD.
+    An idle pooled connection has nothing to read unless the server is
+    closing it (restart, ``pg_terminate_backend``, idle timeout) or sent
+    something unsolicited; either way a fresh connection is the safe choice.
     """
     pgconn = conn.pgconn
-    if pgconn.status != _OK:
+    if pgconn.status != _OK or pgconn.transaction_status != _IDLE:
+        return False
+    if conn._num_transactions:  # psycopg thinks a transaction block is still open
         return False
     poller = select.poll()
     poller.register(pgconn.socket, select.POLLIN)
-    if poller.poll(0):
-        try:
-            pgconn.consume_input()
-        except e.OperationalError:
-            return False
-        while pgconn.notifies() is not None:  # stray notifications: not ours
-            pass
-    return pgconn.status == _OK and pgconn.transaction_status == _IDLE
+    return not poller.poll(0)
 
 
 class ConnectionPool:

@@ -1,0 +1,43 @@
+"""A throwaway PostgreSQL for examples, benchmarks and tests.
+
+Needs the ``embedded`` extra (``pip install "neoq_anyio[embedded]"``), which
+brings ``pgserver``: PostgreSQL binaries shipped in a wheel, so a machine with
+nothing but pip can run neoq_anyio end to end.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+__all__ = ["embedded_postgres"]
+
+
+@contextmanager
+def embedded_postgres(datadir: str | None = None) -> Iterator[str]:
+    """Start a private PostgreSQL server for the block and yield its connection string.
+
+    Args:
+        datadir: where the cluster lives; default: a temporary directory,
+            removed afterwards.
+
+    Raises:
+        ModuleNotFoundError: the ``embedded`` extra is not installed.
+    """
+    with warnings.catch_warnings():
+        # platformdirs warns when XDG_RUNTIME_DIR is unset (CI, containers).
+        warnings.simplefilter("ignore", UserWarning)
+        import pgserver
+
+    own_dir = datadir is None
+    path = tempfile.mkdtemp(prefix="neoq-pg-") if datadir is None else datadir
+    server = pgserver.get_server(path, cleanup_mode="stop")
+    try:
+        yield str(server.get_uri())
+    finally:
+        server.cleanup()
+        if own_dir:
+            shutil.rmtree(path, ignore_errors=True)
