@@ -10,8 +10,11 @@ from __future__ import annotations
 import shutil
 import tempfile
 import warnings
-from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
 
 __all__ = ["embedded_postgres"]
 
@@ -34,7 +37,7 @@ def embedded_postgres(datadir: str | None = None) -> Iterator[str]:
 
     own_dir = datadir is None
     path = tempfile.mkdtemp(prefix="neoq-pg-") if datadir is None else datadir
-    server = pgserver.get_server(path, cleanup_mode="stop")
+    server = pgserver.get_server(path, cleanup_mode="stop")  # type: ignore[attr-defined]
     try:
         yield str(server.get_uri())
     finally:

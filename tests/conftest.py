@@ -161,7 +161,9 @@ def dbname_of(dsn: str) -> str:
     return conninfo_to_dict(dsn).get("dbname") or "postgres"
 
 
-async def wait_until(predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0) -> None:
+async def wait_until(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0
+) -> None:
     """Wait, bounded, until ``predicate()`` holds; checks every 10 ms."""
     with anyio.fail_after(timeout):
         while True:

@@ -6,12 +6,13 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 from neoq_anyio import ConfigurationError, Handler, Job, JobTimeoutError
 from neoq_anyio._backoff import backoff_seconds, decide_failure
 
-from .conftest import Database
+from .conftest import Database, wait_until
 from .test_processing import Recorder, backend
 
 
@@ -161,7 +162,9 @@ async def test_job_dies_after_max_retries(dsn: str, db: Database) -> None:
             f"SELECT count(*) FROM neoq_dead_jobs WHERE id = {job_id}", lambda n: n == 1
         )
     assert runs == [0, 1]
-    assert await db.fetch("SELECT retries, error FROM neoq_dead_jobs") == [(1, "ValueError: attempt 1")]
+    assert await db.fetch("SELECT retries, error FROM neoq_dead_jobs") == [
+        (1, "ValueError: attempt 1")
+    ]
 
 
 async def test_unset_max_retries_is_the_column_default(dsn: str, db: Database) -> None:
@@ -207,9 +210,10 @@ async def test_job_timeout_cancels_the_handler(dsn: str, db: Database) -> None:
         error = await db.wait_for(
             f"SELECT error FROM neoq_jobs WHERE id = {job_id}", lambda e: e is not None
         )
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
     assert error.startswith("JobTimeoutError")
-    assert len(failures) == 1 and isinstance(failures[0], JobTimeoutError)
+    assert len(failures) == 1
+    assert isinstance(failures[0], JobTimeoutError)
 
 
 async def test_job_timeout_above_transaction_timeout_is_refused(dsn: str) -> None:
@@ -316,9 +320,9 @@ async def test_error_in_recover_callback_is_logged(
             await db.wait_for(
                 f"SELECT status FROM neoq_jobs WHERE id = {job_id}", lambda s: s == "failed"
             )
-            with anyio.fail_after(5):
-                while not any("recover callback failed" in r.getMessage() for r in caplog.records):
-                    await anyio.sleep(0.01)
+            await wait_until(
+                lambda: any("recover callback failed" in r.getMessage() for r in caplog.records)
+            )
     record = next(r for r in caplog.records if "recover callback failed" in r.getMessage())
     assert record.exc_info is not None
     assert "callback broke" in str(record.exc_info[1])

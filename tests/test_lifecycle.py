@@ -22,7 +22,7 @@ from neoq_anyio import (
     open_backend,
 )
 
-from .conftest import Database, Server, with_params
+from .conftest import Database, Server, wait_until, with_params
 from .test_processing import Recorder, backend
 
 
@@ -39,9 +39,14 @@ async def test_schema_is_created_with_go_neoqs_bookkeeping(dsn: str, db: Databas
     assert await db.fetch("SELECT version, dirty FROM neoq_schema_migrations") == [
         (20240302172413, False)
     ]
-    assert await db.value("SELECT data_type FROM information_schema.columns "
-                          "WHERE table_schema = current_schema() AND table_name = 'neoq_jobs' "
-                          "AND column_name = 'id'") == "bigint"
+    assert (
+        await db.value(
+            "SELECT data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'neoq_jobs' "
+            "AND column_name = 'id'"
+        )
+        == "bigint"
+    )
     assert await db.value("SELECT count(*) FROM pg_trigger WHERE tgname = 'announce_job'") >= 1
 
 
@@ -64,7 +69,9 @@ async def test_concurrent_startups_migrate_once(dsn: str, db: Database) -> None:
 
 async def test_opens_on_a_schema_go_neoq_created(dsn: str, db: Database, schema_name: str) -> None:
     # The schema as Go neoq's migrations leave it (before neoq_anyio's additions).
-    await db.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema_name)).as_string(None))
+    await db.execute(
+        sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema_name)).as_string(None)
+    )
     await db.execute(
         """
         CREATE TYPE job_status AS ENUM ('new', 'processed', 'failed');
@@ -103,9 +110,14 @@ async def test_opens_on_a_schema_go_neoq_created(dsn: str, db: Database, schema_
     assert await db.fetch("SELECT version, dirty FROM neoq_schema_migrations") == [
         (20240302172413, False)
     ]
-    assert await db.value("SELECT data_type FROM information_schema.columns "
-                          "WHERE table_schema = current_schema() AND table_name = 'neoq_dead_jobs' "
-                          "AND column_name = 'id'") == "bigint"
+    assert (
+        await db.value(
+            "SELECT data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'neoq_dead_jobs' "
+            "AND column_name = 'id'"
+        )
+        == "bigint"
+    )
 
 
 async def test_missing_database_is_created(server_dsn: str) -> None:
@@ -119,7 +131,9 @@ async def test_missing_database_is_created(server_dsn: str) -> None:
             await rec.wait()
     finally:
         with psycopg.connect(server_dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+            conn.execute(
+                sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+            )
 
 
 @pytest.mark.parametrize(
@@ -240,7 +254,9 @@ async def test_shutdown_timeout_cancels_jobs_which_stay_queued(dsn: str, db: Dat
             job_id = await nq.enqueue(Job("stuck"))
             await started.wait()
     assert cancelled.is_set()
-    row = await db.fetch(f"SELECT status, retries, error, ran_at FROM neoq_jobs WHERE id = {job_id}")
+    row = await db.fetch(
+        f"SELECT status, retries, error, ran_at FROM neoq_jobs WHERE id = {job_id}"
+    )
     assert row == [("new", 0, None, None)]
     assert await db.value("SELECT to_regclass('side_effect')") is None
     # No connection was left with a query running or a transaction open.
@@ -261,6 +277,7 @@ async def test_cancelled_mid_query_job_stays_queued(dsn: str, db: Database) -> N
 
     with anyio.fail_after(15):
         async with anyio.create_task_group() as outer:
+
             async def run_backend() -> None:
                 async with backend(dsn, shutdown_timeout=0.1) as nq:
                     await nq.start(Handler("cancel-me", handle))
@@ -291,11 +308,11 @@ async def test_many_backends_run_each_job_once(dsn: str, db: Database) -> None:
         if len(runs) >= total:
             done.set()
 
-    async with backend(dsn) as setup:
-        async with setup.connection() as conn:
-            await conn.execute("CREATE TABLE runs (job_id bigint PRIMARY KEY)")
+    async with backend(dsn) as setup, setup.connection() as conn:
+        await conn.execute("CREATE TABLE runs (job_id bigint PRIMARY KEY)")
     with anyio.fail_after(40):
         async with anyio.create_task_group() as tg:
+
             async def one_process(index: int) -> None:
                 async with backend(dsn + " pool_max_conns=3") as nq:
                     await nq.start(Handler("shared", handle, concurrency=3))
@@ -327,9 +344,7 @@ async def test_listener_reconnects_and_finds_missed_jobs(dsn: str, db: Database)
     async with backend(dsn, pending_job_check_interval=60) as nq:
         await nq.start(Handler("deaf", rec, concurrency=2))
         await nq.enqueue(Job("deaf", {"n": 1}))
-        with anyio.fail_after(10):
-            while len(rec.jobs) < 1:
-                await anyio.sleep(0.01)
+        await wait_until(lambda: len(rec.jobs) == 1)
         assert await terminate_our_sessions(db) >= 1
         # Enqueued while the listener is down: the reconnect's sweep finds it
         # (the pending poller would only run in 60 s).
@@ -341,9 +356,7 @@ async def test_listener_reconnects_and_finds_missed_jobs(dsn: str, db: Database)
     assert [j.payload for j in rec.jobs] == [{"n": 1}, {"n": 2}]
 
 
-async def run_through_outage(
-    dsn: str, db: Database, outage: Any, *, total: int = 60
-) -> None:
+async def run_through_outage(dsn: str, db: Database, outage: Any, *, total: int = 60) -> None:
     """Process a stream of jobs while ``outage()`` cuts every connection."""
     committed: Counter[int] = Counter()
     halfway = anyio.Event()
@@ -409,4 +422,3 @@ async def test_no_job_lost_across_a_server_restart(server: Server, dsn: str) -> 
         await run_through_outage(dsn, holder, outage)
     finally:
         await holder.conn.close()
-

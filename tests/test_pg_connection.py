@@ -21,7 +21,7 @@ from psycopg.generators import notifies
 from neoq_anyio import AnyioConnection
 from neoq_anyio._pg._connection import connect
 
-from .conftest import Database
+from .conftest import Database, wait_until
 
 IDLE = pq.TransactionStatus.IDLE
 INTRANS = pq.TransactionStatus.INTRANS
@@ -49,13 +49,17 @@ async def create_table(db: Database, schema_name: str, ddl: str) -> None:
 
 async def wait_until_running(db: Database, pid: int, query_prefix: str) -> None:
     """Poll pg_stat_activity (bounded) until backend ``pid`` runs a query starting so."""
-    with anyio.fail_after(10):
-        while not await db.value(
-            "SELECT count(*) = 1 FROM pg_stat_activity"
-            " WHERE pid = %s AND state = 'active' AND query LIKE %s",
-            (pid, query_prefix + "%"),
-        ):
-            await anyio.sleep(0.01)
+
+    async def running() -> bool:
+        return bool(
+            await db.value(
+                "SELECT count(*) = 1 FROM pg_stat_activity"
+                " WHERE pid = %s AND state = 'active' AND query LIKE %s",
+                (pid, query_prefix + "%"),
+            )
+        )
+
+    await wait_until(running)
 
 
 async def run_cancelled(db: Database, conn: AnyioConnection, query: str) -> float:
@@ -201,7 +205,9 @@ async def test_cursors_client_side_server_side_and_executemany(
                     await copy.write_row((n, f"n{n}"))
             assert await db.value("SELECT count(*) FROM items") == 110
             rows = []
-            async with cur.copy("COPY (SELECT n FROM items WHERE n > 105 ORDER BY n) TO STDOUT") as copy:
+            async with cur.copy(
+                "COPY (SELECT n FROM items WHERE n > 105 ORDER BY n) TO STDOUT"
+            ) as copy:
                 async for row in copy.rows():
                     rows.append(row)
             assert rows == [(str(n),) for n in range(106, 111)]
@@ -294,6 +300,33 @@ async def test_cancelling_repeatedly_keeps_the_connection(dsn: str, db: Database
         assert await cur.fetchone() == (pid,)
 
 
+async def test_cancel_safe_cancels_the_query_running_in_another_task(
+    dsn: str, db: Database
+) -> None:
+    async with opened(dsn) as conn:
+        pid = conn.pgconn.backend_pid
+        errors: list[Exception] = []
+
+        async def run_query() -> None:
+            try:
+                await conn.execute("SELECT pg_sleep(30)")
+            except psycopg.errors.QueryCanceled as exc:
+                errors.append(exc)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(run_query)
+                await wait_until_running(db, pid, "SELECT pg_sleep")
+                await conn.cancel_safe(timeout=5)
+        assert len(errors) == 1
+        assert conn.pgconn.transaction_status == IDLE
+        cur = await conn.execute("SELECT 1")
+        assert await cur.fetchone() == (1,)
+        # Nothing to cancel: returns at once.
+        with anyio.fail_after(1):
+            await conn.cancel_safe()
+
+
 async def test_cancelling_in_an_explicit_transaction_aborts_it(
     dsn: str, db: Database, schema_name: str
 ) -> None:
@@ -314,9 +347,7 @@ async def test_cancelling_in_an_explicit_transaction_aborts_it(
         assert await cur.fetchone() == (0,)
 
 
-async def test_cancelling_without_autocommit_aborts_the_transaction(
-    dsn: str, db: Database
-) -> None:
+async def test_cancelling_without_autocommit_aborts_the_transaction(dsn: str, db: Database) -> None:
     conn = await connect(dsn, autocommit=False)
     try:
         await run_cancelled(db, conn, "SELECT pg_sleep(30)")
@@ -330,14 +361,6 @@ async def test_cancelling_without_autocommit_aborts_the_transaction(
         await conn.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "AnyioConnection does not shield psycopg's AsyncTransaction.__aexit__: in the "
-        "still-cancelled scope its lock acquire raises, so the block never rolls back and "
-        "psycopg keeps _num_transactions=1 (INERROR; rollback() then raises ProgrammingError)"
-    ),
-)
 async def test_cancelling_inside_a_transaction_block_rolls_it_back(
     dsn: str, db: Database, schema_name: str
 ) -> None:
@@ -357,11 +380,16 @@ async def test_cancelling_inside_a_transaction_block_rolls_it_back(
                 tg.start_soon(run_block)
                 await wait_until_running(db, pid, "SELECT pg_sleep")
                 scope.cancel()
-        # As psycopg does on asyncio's edge-triggered cancellation: the block's
-        # exit rolls the transaction back, and the connection is idle again.
+        # The block's end ran despite the still-cancelled scope: rolled back,
+        # psycopg's bookkeeping out of the block, the connection idle again.
         assert conn.pgconn.transaction_status == IDLE
-        cur = await conn.execute("SELECT count(*) FROM items")
-        assert await cur.fetchone() == (0,)
+        assert conn._num_transactions == 0
+        assert await db.value(STATE_OF, (pid,)) == "idle"
+        assert await db.value("SELECT count(*) FROM items") == 0
+        await conn.rollback()  # allowed again: not inside a block any more
+        async with conn.transaction():
+            await conn.execute("INSERT INTO items VALUES (2)")
+        assert await db.fetch("SELECT n FROM items") == [(2,)]
 
 
 # -- notifications -----------------------------------------------------------------------
@@ -489,7 +517,10 @@ def free_port() -> int:
 
 async def test_connect_to_nothing_raises_operational_error(server_dsn: str) -> None:
     conninfo = psycopg.conninfo.make_conninfo(
-        server_dsn, host="127.0.0.1", hostaddr="127.0.0.1", port=str(free_port()),
+        server_dsn,
+        host="127.0.0.1",
+        hostaddr="127.0.0.1",
+        port=str(free_port()),
         connect_timeout="5",
     )
     with anyio.fail_after(10):
