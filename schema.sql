@@ -129,3 +129,12 @@ CREATE TABLE IF NOT EXISTS neoq_anyio_migrations (
     version integer NOT NULL PRIMARY KEY,
     applied_at timestamp with time zone NOT NULL DEFAULT now()
 );
+
+-- Cron ticks claimed so far: one row per (queue, tick) lets exactly one
+-- process enqueue each tick's job (see neoq_anyio/_cron.py). Old rows are
+-- pruned as new ticks are claimed.
+CREATE TABLE IF NOT EXISTS neoq_anyio_cron_ticks (
+    queue text NOT NULL,
+    tick timestamp with time zone NOT NULL,
+    PRIMARY KEY (queue, tick)
+);

@@ -19,6 +19,7 @@ comes out of ``open_backend`` unwrapped; several at once come out as an
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from contextlib import asynccontextmanager
@@ -32,6 +33,8 @@ from psycopg import errors as e
 from psycopg import pq, sql
 
 from . import _sql
+from ._cron import CLAIM_TICK, CronTicker, WallClock, tick_job_fields
+from ._cron_schedule import parse_cron_spec
 from ._dsn import ConnectionSettings, parse_connection_string
 from ._durations import to_seconds
 from ._exceptions import (
@@ -54,7 +57,7 @@ from ._worker import QueueWorkers
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
-    from datetime import timedelta
+    from datetime import timedelta, tzinfo
 
     from anyio.abc import TaskGroup, TaskStatus
 
@@ -123,6 +126,7 @@ class PostgresBackend:
         self._service_scopes: list[anyio.CancelScope] = []
         self._closing = False
         self._closed = anyio.Event()
+        self._cron_clock = WallClock()  # tests skew it
         redact, log = settings.redact, self._get_logger
         self._listener = Listener(
             connect_listener, self._on_notify, self._on_reconnect, logger=log, redact=redact
@@ -191,6 +195,49 @@ class PostgresBackend:
             if delay > 0:
                 self._future.add(job_id, job.queue, delay)
         return str(job_id)
+
+    async def start_cron(
+        self, spec: str, handler: Handler, *, timezone: tzinfo | None = None
+    ) -> Handler:
+        """Run ``handler`` once per tick of the cron ``spec``; returns the handler
+        as started (with its queue name when it was derived from the spec).
+
+        ``spec`` uses Go neoq's (robfig/cron) format: five fields (minute
+        first), six with a leading seconds field, ``@yearly`` ... ``@hourly``,
+        or ``@every <duration>``; it is evaluated in UTC unless ``timezone``
+        is given. With ``Handler("", fn)`` the queue is named from the
+        schedule's English description as Go neoq names it (``"* * * * * *"``
+        gives ``every_second``). However many processes run the same cron,
+        each tick's job is enqueued once; ticks missed while every process was
+        down are not replayed.
+
+        Raises:
+            ConfigurationError: the spec is malformed (nothing is scheduled),
+                or the handler is refused as by ``start``.
+            NeoqError: the backend is shut down.
+        """
+        self._check_open()
+        schedule = parse_cron_spec(spec, tz=timezone)
+        if not handler.queue:
+            handler = dataclasses.replace(handler, queue=schedule.queue_name)
+        await self.start(handler)
+        ticker = CronTicker(
+            schedule,
+            handler.queue,
+            self._enqueue_tick,
+            logger=self._get_logger,
+            clock=self._cron_clock,
+        )
+        await self._tg.start(self._run_service, ticker.run)
+        return handler
+
+    async def _enqueue_tick(self, queue: str, tick: datetime) -> bool:
+        fingerprint, payload = tick_job_fields(queue, tick)
+        params = {"queue": queue, "tick": tick, "fingerprint": fingerprint, "payload": payload}
+        with map_errors(self._settings.redact, "cannot enqueue a cron tick"):
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(CLAIM_TICK, params)
+                return await cur.fetchone() is not None
 
     async def start(self, handler: Handler) -> None:
         """Start processing ``handler.queue``; returns once the queue is listened to,

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SCHEMA_VERSION", "ensure_schema", "schema_sql"]
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 """Bump with every change to schema.sql, which must stay additive."""
 
 # Any constant works; this one is "neoq" in ASCII, shared by every process.

@@ -293,10 +293,11 @@ class ConnectionPool:
         keep: list[AnyioConnection] = []
         for conn in self._idle:
             entry = self._entries[id(conn)]
+            # _size drops with each discard, so min_conns stay open.
             too_idle = (
                 max_idle > 0
                 and now - entry.idle_since > max_idle
-                and len(keep) + self._in_use() >= self._options.min_conns
+                and self._size > self._options.min_conns
             )
             if too_idle or not self._usable(conn):
                 self._discard(conn)
