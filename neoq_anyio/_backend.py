@@ -174,15 +174,20 @@ class PostgresBackend:
         default_retries = job.max_retries is None
         if not default_retries:
             params += (job.max_retries,)
-        query = _sql.insert_job(default_max_retries=default_retries)
         with map_errors(self._settings.redact, "cannot enqueue the job"):
             if connection is None:
+                query = _sql.insert_job(default_max_retries=default_retries)
                 conn = await self._pool.acquire()
                 try:
                     row = await (await conn.execute(query, params)).fetchone()
                 finally:
                     await self._pool.release(conn)
             else:
+                # The caller's session may not be in UTC, which Go neoq's
+                # trigger needs to announce due jobs: announce them ourselves.
+                due = job.run_after is None or job.run_after <= datetime.now(UTC)
+                notify = due and not _sql.is_utc(connection.info.parameter_status("TimeZone"))
+                query = _sql.insert_job(default_max_retries=default_retries, notify=notify)
                 row = await (await connection.execute(query, params)).fetchone()
         if row is None:
             raise DuplicateJobError(

@@ -63,20 +63,69 @@ FutureJobQuery: Final[LiteralString] = (
 SAVEPOINT: Final = "neoq_job"
 
 
-def insert_job(*, default_max_retries: bool) -> LiteralString:
-    """The INSERT for one job; ``ON CONFLICT DO NOTHING`` turns a duplicate into
-    an empty result instead of an error that would abort the caller's transaction."""
-    if default_max_retries:
-        return (
-            "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline) "
-            "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s) "
-            "ON CONFLICT DO NOTHING RETURNING id"
-        )
-    return (
+_INSERT_JOB: Final = {
+    (True, False): (
+        "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline) "
+        "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s) "
+        "ON CONFLICT DO NOTHING RETURNING id"
+    ),
+    (False, False): (
         "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline, max_retries) "
         "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s, %s) "
         "ON CONFLICT DO NOTHING RETURNING id"
-    )
+    ),
+    (True, True): (
+        "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline) "
+        "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s) "
+        "ON CONFLICT DO NOTHING RETURNING id, pg_notify(queue, id::text)"
+    ),
+    (False, True): (
+        "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline, max_retries) "
+        "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s, %s) "
+        "ON CONFLICT DO NOTHING RETURNING id, pg_notify(queue, id::text)"
+    ),
+}
+
+
+def insert_job(*, default_max_retries: bool, notify: bool = False) -> LiteralString:
+    """The INSERT for one job; ``ON CONFLICT DO NOTHING`` turns a duplicate into
+    an empty result instead of an error that would abort the caller's transaction.
+
+    ``notify`` announces the job explicitly, for sessions whose TimeZone is
+    not UTC: there Go neoq's trigger, which compares ``run_after`` with
+    ``timezone('utc', created_at)``, misses due jobs east of Greenwich.
+    """
+    return _INSERT_JOB[default_max_retries, notify]
+
+
+def is_utc(timezone: str | None) -> bool:
+    """Whether a session TimeZone setting is UTC (the trigger's assumption)."""
+    return (timezone or "").upper() in _UTC_NAMES
+
+
+_UTC_NAMES: Final = frozenset(
+    {
+        "UTC",
+        "ETC/UTC",
+        "GMT",
+        "ETC/GMT",
+        "UCT",
+        "ETC/UCT",
+        "ZULU",
+        "ETC/ZULU",
+        "UNIVERSAL",
+        "ETC/UNIVERSAL",
+        "Z",
+        "GMT0",
+        "ETC/GMT0",
+        "GMT+0",
+        "GMT-0",
+        "ETC/GMT+0",
+        "ETC/GMT-0",
+        "GREENWICH",
+        "ETC/GREENWICH",
+    }
+)
 
 
 def take_job(queue: str, context: AdaptContext) -> str:

@@ -351,3 +351,49 @@ async def test_methods_after_shutdown_raise(dsn: str) -> None:
             await nq.enqueue(Job("late"))
         with pytest.raises(NeoqError, match="shut down"):
             await nq.start(Handler("late", Recorder()))
+
+
+async def test_pending_poller_finds_unannounced_jobs(dsn: str, db: Database) -> None:
+    rec = Recorder()
+    async with backend(dsn, pending_job_check_interval=0.2) as nq:
+        await nq.start(Handler("quiet", rec))
+        # No trigger, no notification: only the periodic poller can find it.
+        await db.execute("ALTER TABLE neoq_jobs DISABLE TRIGGER announce_job")
+        await db.execute(
+            "INSERT INTO neoq_jobs (queue, fingerprint, payload) VALUES ('quiet', 'q', '{}')"
+        )
+        await rec.wait()
+
+
+async def test_enqueue_from_a_session_east_of_utc_is_announced(dsn: str, db: Database) -> None:
+    # Go neoq's trigger misses due jobs when the session's TimeZone is ahead
+    # of UTC (the poller would find them only a minute later): neoq_anyio
+    # announces them itself.
+    from psycopg.generators import notifies
+
+    heard: list[str] = []
+    db.conn.add_notify_handler(lambda n: heard.append(n.channel))
+    async with backend(dsn) as nq:
+        await db.execute("LISTEN tokyo")
+        async with nq.connection() as conn:
+            await conn.execute("SET TimeZone = 'Asia/Tokyo'")
+            await nq.enqueue(Job("tokyo", {"n": 1}), connection=conn)
+        with anyio.fail_after(5):
+            while not heard:
+                await db.conn.wait(notifies(db.conn.pgconn))
+    assert heard[0] == "tokyo"
+
+
+async def test_enqueue_with_a_plain_psycopg_connection_on_asyncio(
+    dsn: str, db: Database, anyio_backend: tuple[str, dict[str, Any]]
+) -> None:
+    if anyio_backend[0] != "asyncio":
+        pytest.skip("psycopg's own AsyncConnection waits through asyncio only")
+    import psycopg
+
+    async with backend(dsn) as nq:
+        conn = await psycopg.AsyncConnection.connect(dsn)
+        async with conn:
+            await nq.enqueue(Job("plain", {"n": 1}), connection=conn)
+            assert await db.value("SELECT count(*) FROM neoq_jobs") == 0  # not committed yet
+        assert await db.value("SELECT count(*) FROM neoq_jobs") == 1
