@@ -8,10 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
-from ._backend import DEFAULT_CONNECTION_TIMEOUT as DEFAULT_CONNECTION_TIMEOUT
-from ._backend import BackendStatistics as BackendStatistics
-from ._backend import PostgresBackend as PostgresBackend
-from ._backend import open_backend as open_backend
+from ._base import BackendStatistics as BackendStatistics
 from ._context import current_job as current_job
 from ._context import current_transaction as current_transaction
 from ._exceptions import ConfigurationError as ConfigurationError
@@ -26,9 +23,14 @@ from ._exceptions import NoJobError as NoJobError
 from ._exceptions import NoQueueError as NoQueueError
 from ._exceptions import NoTransactionError as NoTransactionError
 from ._exceptions import PoolTimeoutError as PoolTimeoutError
+from ._memory import MemoryBackend as MemoryBackend
 from ._models import Handler as Handler
 from ._models import Job as Job
+from ._open import DEFAULT_CONNECTION_TIMEOUT as DEFAULT_CONNECTION_TIMEOUT
+from ._open import open_backend as open_backend
 from ._pg._connection import AnyioConnection as AnyioConnection
+from ._postgres import PostgresBackend as PostgresBackend
+from ._protocol import Backend as Backend
 from ._sql import FutureJobQuery as FutureJobQuery
 from ._sql import JobQuery as JobQuery
 from ._sql import PendingJobIDQuery as PendingJobIDQuery
@@ -36,6 +38,7 @@ from ._sql import PendingJobIDQuery as PendingJobIDQuery
 __all__ = (
     "DEFAULT_CONNECTION_TIMEOUT",
     "AnyioConnection",
+    "Backend",
     "BackendStatistics",
     "ConfigurationError",
     "ConnectionStringError",
@@ -48,6 +51,7 @@ __all__ = (
     "JobDeadlineError",
     "JobQuery",
     "JobTimeoutError",
+    "MemoryBackend",
     "NeoqError",
     "NoJobError",
     "NoQueueError",

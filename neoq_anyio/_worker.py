@@ -15,10 +15,9 @@ queued exactly as it was.
 
 from __future__ import annotations
 
-import inspect
 import math
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import psycopg
@@ -26,8 +25,8 @@ from psycopg import pq
 
 from . import _sql
 from ._backoff import decide_failure
-from ._context import _job, _transaction
-from ._exceptions import DatabaseError, JobDeadlineError, JobTimeoutError
+from ._exceptions import DatabaseError, JobDeadlineError
+from ._execution import call_handler, call_recover, describe_error
 from ._models import Job
 from ._wakeups import Wake, Wakeups
 
@@ -45,12 +44,6 @@ _INERROR = pq.TransactionStatus.INERROR
 _COLUMNS = tuple(name.strip() for name in _sql.JOB_COLUMNS.split(","))
 _DB_ERRORS = (psycopg.Error, DatabaseError)
 _ERROR_PAUSE = 1.0  # seconds a worker rests after a database error
-
-
-def describe_error(exc: BaseException) -> str:
-    """The text stored in a failed job's ``error`` column."""
-    message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
 class QueueWorkers:
@@ -148,7 +141,7 @@ class QueueWorkers:
         finally:
             await self._pool.release(conn)
         if failure is not None and self._recover is not None:
-            await self._call_recover(*failure)
+            await call_recover(self._recover, *failure, self._logger())
         return True
 
     async def _run(self, conn: AnyioConnection, job: Job) -> tuple[Job, BaseException] | None:
@@ -163,7 +156,7 @@ class QueueWorkers:
             return None
         if job.status == "failed":
             job = job._replace(retries=job.retries + 1)  # this run is a retry
-        exc = await self._call_handler(conn, job)
+        exc = await call_handler(self.handler, job, self._timeout, conn)
         if exc is None and conn.pgconn.transaction_status == _INERROR:
             exc = DatabaseError("the handler left the job's transaction aborted")
         if exc is None:
@@ -184,31 +177,3 @@ class QueueWorkers:
             message,
         )
         return job, exc
-
-    async def _call_handler(self, conn: AnyioConnection, job: Job) -> Exception | None:
-        """Run the handler under its timeout; returns what it raised, if anything."""
-        job_token = _job.set(job)
-        tx_token = _transaction.set(conn)
-        try:
-            with anyio.CancelScope() as scope:
-                if self._timeout is not None:
-                    scope.deadline = anyio.current_time() + self._timeout
-                await self.handler.handle(job)
-            if scope.cancelled_caught:
-                return JobTimeoutError(f"the job ran past its job_timeout of {self._timeout:g} s")
-            return None
-        except Exception as exc:
-            return exc
-        finally:
-            _transaction.reset(tx_token)
-            _job.reset(job_token)
-
-    async def _call_recover(self, job: Job, exc: BaseException) -> None:
-        """Call the recover callback; its own errors are logged, never raised."""
-        assert self._recover is not None
-        try:
-            result: Any = self._recover(job, exc)
-            if inspect.isawaitable(result):
-                await result
-        except Exception:
-            self._logger().exception("recover callback failed for job %s", job.id)

@@ -26,7 +26,6 @@ from .conftest import Database, wait_until
 IDLE = pq.TransactionStatus.IDLE
 INTRANS = pq.TransactionStatus.INTRANS
 INERROR = pq.TransactionStatus.INERROR
-ACTIVE = pq.TransactionStatus.ACTIVE
 
 # The state pg_stat_activity shows for a backend.
 STATE_OF = "SELECT state FROM pg_stat_activity WHERE pid = %s"
@@ -528,7 +527,7 @@ async def test_connect_to_nothing_raises_operational_error(server_dsn: str) -> N
             await connect(conninfo)
 
 
-async def test_connect_with_a_bad_password_or_database_raises(server_dsn: str) -> None:
+async def test_connect_to_an_unknown_database_raises(server_dsn: str) -> None:
     conninfo = psycopg.conninfo.make_conninfo(server_dsn, dbname="no_such_database_here")
     with anyio.fail_after(10):
         with pytest.raises(psycopg.OperationalError, match="no_such_database_here"):

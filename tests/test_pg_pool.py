@@ -42,6 +42,15 @@ class Harness:
         conninfo = settings.conninfo
         return ConnectionPool(lambda: connect(conninfo), settings.pool, connection_timeout=timeout)
 
+    async def wait_backend_count(self, count: int) -> set[int]:
+        """Wait (bounded) until ``count`` backends are open; return their pids."""
+
+        async def settled() -> bool:
+            return len(await self.backends()) == count
+
+        await wait_until(settled)
+        return await self.backends()
+
     async def backends(self) -> set[int]:
         """Backend pids currently open for this test's pools."""
         rows = await self.db.fetch(
@@ -619,10 +628,7 @@ async def test_maintenance_closes_idle_connections_beyond_min(harness: Harness) 
         assert await harness.backends() == pids
         async with maintained(pool):
             await wait_until(lambda: pool.statistics() == stats(1, 1, 0, max_size=4))
-            remaining = await harness.backends()
-            await harness.wait_backends(remaining)
-            assert len(remaining) == 1
-            assert remaining < pids
+            assert await harness.wait_backend_count(1) < pids
 
 
 async def test_maintenance_keeps_lent_connections_and_min_idle(harness: Harness) -> None:
@@ -642,30 +648,25 @@ async def test_maintenance_keeps_lent_connections_and_min_idle(harness: Harness)
         assert pool.statistics() == stats(2, 2, 0, max_size=4)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "_pool.py ConnectionPool._check_idle: _in_use() is re-evaluated inside the loop "
-        "while _discard() has already decremented _size but the discarded connections "
-        "are still in self._idle, so in_use goes negative and every other idle "
-        "connection past max_conn_idle_time survives the pass"
-    ),
-)
+@pytest.mark.parametrize("min_conns", [0, 1])
 async def test_one_maintenance_pass_closes_every_idle_connection_beyond_min(
-    harness: Harness,
+    harness: Harness, min_conns: int
 ) -> None:
     # A health-check period of an hour: only the pass run() makes at start counts.
     options = (
-        "pool_max_conns=4 pool_min_conns=1 pool_max_conn_idle_time=50ms pool_health_check_period=1h"
+        f"pool_max_conns=4 pool_min_conns={min_conns} "
+        "pool_max_conn_idle_time=50ms pool_health_check_period=1h"
     )
     async with opened(harness.pool(options)) as pool:
         conns = [await pool.acquire() for _ in range(4)]
+        pids = {pid_of(conn) for conn in conns}
         for conn in conns:
             await pool.release(conn)
         await harness.db.execute("SELECT pg_sleep(0.1)")  # all four idle past 50 ms
         async with maintained(pool):
-            await wait_until(lambda: pool.statistics().size == 1, timeout=1.5)
-        assert pool.statistics() == stats(1, 1, 0, max_size=4)
+            await wait_until(lambda: pool.statistics().size == min_conns, timeout=1.5)
+            assert pool.statistics() == stats(min_conns, min_conns, 0, max_size=4)
+            assert await harness.wait_backend_count(min_conns) <= pids
 
 
 # -- closing --------------------------------------------------------------------------------

@@ -1,0 +1,140 @@
+"""``open_backend``: pick the backend from the connection string and own its task group.
+
+Exception groups: a lone exception from the caller's block or from a
+background task comes out of ``open_backend`` unwrapped; several at once come
+out as an ``ExceptionGroup``.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, TypeAlias
+
+import anyio
+
+from ._durations import to_seconds
+from ._exceptions import ConnectionStringError
+from ._memory import MemoryBackend
+from ._postgres import Options, PostgresBackend, prepare_postgres
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable
+    from datetime import timedelta
+
+    from anyio.abc import TaskGroup
+
+    from ._models import RecoverCallback
+    from ._protocol import Backend
+
+__all__ = ["DEFAULT_CONNECTION_TIMEOUT", "open_backend"]
+
+DEFAULT_CONNECTION_TIMEOUT = 30.0
+"""Seconds to wait for a pooled connection before ``PoolTimeoutError`` (Go neoq's default)."""
+
+_Duration: TypeAlias = "float | timedelta"
+_MEMORY = "memory://"
+
+
+def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The single exception inside nested one-member groups, if that is all there is."""
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        if len(exc.exceptions) != 1:
+            return None
+        exc = exc.exceptions[0]
+    return exc
+
+
+@asynccontextmanager
+async def open_backend(
+    connection_string: str | None = None,
+    *,
+    connection_timeout: _Duration = DEFAULT_CONNECTION_TIMEOUT,
+    synchronous_commit: bool = False,
+    transaction_timeout: _Duration = 30.0,
+    job_check_interval: _Duration = 1.0,
+    pending_job_check_interval: _Duration = 60.0,
+    future_job_window: _Duration = 30.0,
+    shutdown_timeout: _Duration = 30.0,
+    recovery_callback: RecoverCallback | None = None,
+    logger: logging.Logger | None = None,
+) -> AsyncIterator[Backend]:
+    """Open a backend for the block; leaving the block shuts it down.
+
+    Args:
+        connection_string: a ``postgres://`` / ``postgresql://`` URL or a
+            libpq ``key=value`` string, with Go neoq's ``pool_*`` options; or
+            ``None`` / ``"memory://"`` for the in-memory backend.
+        connection_timeout: seconds to wait for a pooled connection (30).
+        synchronous_commit: keep PostgreSQL's ``synchronous_commit`` for
+            neoq's sessions; off by default, which makes job bookkeeping
+            several times faster but can lose the last few commits if the
+            server crashes (those jobs then run again).
+        transaction_timeout: seconds a job's transaction may sit idle
+            (PostgreSQL's ``idle_in_transaction_session_timeout``, 30);
+            0 means no bound. A handler's ``job_timeout`` may not exceed it.
+        job_check_interval: seconds between looks for future jobs (1).
+        pending_job_check_interval: seconds between looks for due jobs no
+            notification announced (60).
+        future_job_window: how far ahead, in seconds, future jobs are
+            scheduled in memory (30).
+        shutdown_timeout: seconds jobs in flight get to finish on shutdown
+            before they are cancelled (30).
+        recovery_callback: default ``callback(job, exc)`` for handler errors.
+        logger: where log records go (default: ``logging.getLogger("neoq_anyio")``).
+
+    Durations are seconds (``float``) or ``datetime.timedelta``. The
+    in-memory backend accepts the same options and ignores those about
+    connections and PostgreSQL.
+
+    Raises:
+        ConnectionStringError: the connection string is empty, malformed or
+            of an unknown scheme.
+        ConfigurationError: an option is out of range.
+        DatabaseError: the database cannot be reached or set up.
+    """
+    if connection_string is not None and not isinstance(connection_string, str):
+        raise ConnectionStringError("the connection string must be a str or None")
+    options = Options(
+        connection_timeout=to_seconds(
+            connection_timeout, name="connection_timeout", allow_zero=False
+        ),
+        synchronous_commit=bool(synchronous_commit),
+        transaction_timeout=to_seconds(transaction_timeout, name="transaction_timeout"),
+        job_check_interval=to_seconds(
+            job_check_interval, name="job_check_interval", allow_zero=False
+        ),
+        pending_job_check_interval=to_seconds(
+            pending_job_check_interval, name="pending_job_check_interval", allow_zero=False
+        ),
+        future_job_window=to_seconds(future_job_window, name="future_job_window"),
+        shutdown_timeout=to_seconds(shutdown_timeout, name="shutdown_timeout"),
+        recovery_callback=recovery_callback,
+        logger=logger or logging.getLogger("neoq_anyio"),
+    )
+    build: Callable[[TaskGroup], PostgresBackend | MemoryBackend]
+    if connection_string is None or connection_string.strip() == _MEMORY:
+
+        def build(task_group: TaskGroup) -> PostgresBackend | MemoryBackend:
+            return MemoryBackend(task_group, options)
+
+    else:
+        build = await prepare_postgres(connection_string, options)
+    try:
+        async with anyio.create_task_group() as tg:
+            backend = build(tg)
+            try:
+                await backend._start_services()
+                yield backend
+            finally:
+                await backend.shutdown()
+    except BaseExceptionGroup as group:
+        lone = _unwrap(group)
+        if lone is None:
+            raise
+        cause, context = lone.__cause__, lone.__context__
+        try:
+            raise lone
+        finally:
+            lone.__cause__, lone.__context__ = cause, context
