@@ -72,5 +72,9 @@ class JobTimeoutError(NeoqError, TimeoutError):
 
 
 class DatabaseError(NeoqError):
-    """PostgreSQL or the connection to it failed. The psycopg error is the ``__cause__``;
-    the message never contains the password."""
+    """PostgreSQL or the connection to it failed.
+
+    The message never contains the password. The psycopg error is the
+    ``__cause__``, except for failures to connect, whose libpq messages may
+    echo connection details: those are summarised in the message instead.
+    """

@@ -31,9 +31,15 @@ import anyio.lowlevel
 
 from ._backoff import decide_failure
 from ._base import BackendCore, BackendStatistics
+from ._context import _job
 from ._cron import WallClock
-from ._exceptions import DuplicateJobError, JobDeadlineError, NoTransactionError
-from ._execution import call_handler, call_recover, describe_error
+from ._exceptions import (
+    DuplicateJobError,
+    JobDeadlineError,
+    JobTimeoutError,
+    NoTransactionError,
+)
+from ._execution import call_recover, describe_error
 from ._fingerprint import encode_payload
 from ._models import Job, validate_job
 
@@ -43,11 +49,13 @@ if TYPE_CHECKING:
     import psycopg
     from anyio.abc import TaskGroup
 
-    from ._models import Handler
+    from ._models import Handler, RecoverCallback
     from ._pg._connection import AnyioConnection
     from ._postgres import Options
 
 __all__ = ["MemoryBackend", "MemoryClock"]
+
+_STREAK = 8  # jobs a worker runs back to back before it yields to the loop
 
 
 class MemoryClock(WallClock):
@@ -143,7 +151,7 @@ class MemoryBackend(BackendCore):
         self._workers_done = anyio.Event()
         self._workers_done.set()
         self._stopping = False
-        self._progress = anyio.Event()
+        self._progress: anyio.Event | None = None  # made on demand by _wait_progress
 
     async def _start_services(self) -> None:
         await anyio.lowlevel.checkpoint()
@@ -237,84 +245,129 @@ class MemoryBackend(BackendCore):
     # -- workers ---------------------------------------------------------------------
 
     async def _work(self, queue: _Queue, handler: Handler) -> None:
+        """One worker: run due jobs of ``queue`` until shutdown.
+
+        Job timeouts use one cancel scope per worker instead of one per job
+        (a scope with a deadline costs more than a no-op job): its deadline
+        is moved only when it would fire before the running job's timeout,
+        to that timeout plus a little slack, so a job is cancelled between
+        ``job_timeout`` and ``job_timeout`` + 1 % (at most 50 ms) after it
+        started. When the scope fires, the job it cut short fails with
+        ``JobTimeoutError`` and the worker goes on with a new scope.
+        """
         self._workers += 1
         self._workers_done = anyio.Event() if self._workers == 1 else self._workers_done
+        heap, clock = queue.heap, self.clock
+        timeout = handler.timeout_seconds
+        slack = 0.0 if timeout is None else min(timeout / 100, 0.05)
+        running: tuple[Job, Job] | None = None  # (stored job, the handler's view)
+        streak = 0
         try:
-            heap = queue.heap
-            clock = self.clock
             while not self._stopping:
-                if heap and heap[0][0] <= clock.monotonic():
-                    _, job_id = heapq.heappop(heap)
-                    job = self._jobs.get(job_id)
-                    if job is not None and job.status != "processed":
-                        await self._run(queue, handler, job)
-                    # Let other tasks in between jobs, as a database round
-                    # trip would; a no-op handler never yields by itself.
-                    await anyio.lowlevel.checkpoint()
-                    continue
-                wakeup = anyio.Event()  # set by a new job, advance() or shutdown
-                queue.idle.append(wakeup)
-                try:
-                    with anyio.move_on_after(heap[0][0] - clock.monotonic() if heap else math.inf):
-                        await wakeup.wait()
-                finally:
-                    if not wakeup.is_set():
-                        queue.idle.remove(wakeup)
+                with anyio.CancelScope() as timer:
+                    while not self._stopping:
+                        if not (heap and heap[0][0] <= clock.monotonic()):
+                            timer.deadline = math.inf  # idle: nothing to time out
+                            await self._idle_wait(queue)
+                            continue
+                        job = self._jobs.get(heapq.heappop(heap)[1])
+                        if job is None or job.status == "processed":
+                            continue
+                        seen = self._begin(queue, job)
+                        if seen is None:
+                            continue
+                        if timeout is not None:
+                            started = anyio.current_time()
+                            if timer.deadline < started + timeout:
+                                timer.deadline = started + timeout + slack
+                        running = (job, seen)
+                        self._in_flight += 1
+                        exc = await _call(handler, seen)
+                        self._in_flight -= 1
+                        running = None
+                        callback = self._finish(queue, handler, job, seen, exc)
+                        if callback is not None and exc is not None:
+                            timer.deadline = math.inf
+                            await call_recover(callback, seen, exc, self._logger)
+                        # Let other tasks run now and then, as database round
+                        # trips would: a no-op handler never yields by itself.
+                        streak += 1
+                        if streak == _STREAK:
+                            streak = 0
+                            await anyio.lowlevel.checkpoint()
+                if running is not None:  # the timer cut the running job short
+                    job, seen = running
+                    running = None
+                    self._in_flight -= 1
+                    late = JobTimeoutError(f"the job ran past its job_timeout of {timeout:g} s")
+                    callback = self._finish(queue, handler, job, seen, late)
+                    if callback is not None:
+                        await call_recover(callback, seen, late, self._logger)
+        except BaseException:
+            if running is not None:  # cancelled at shutdown: the job stays queued as it was
+                self._in_flight -= 1
+                queue.push(clock.monotonic(), int(running[0].id or 0))
+            raise
         finally:
             self._workers -= 1
             if self._workers == 0:
                 self._workers_done.set()
 
-    async def _run(self, queue: _Queue, handler: Handler, job: Job) -> None:
-        now = self.clock.now()
-        if job.deadline is not None and job.deadline <= now:
+    async def _idle_wait(self, queue: _Queue) -> None:
+        """Sleep until the queue's earliest job is due, or a wake-up."""
+        heap = queue.heap
+        wakeup = anyio.Event()  # set by a new job, advance() or shutdown
+        queue.idle.append(wakeup)
+        try:
+            with anyio.move_on_after(heap[0][0] - self.clock.monotonic() if heap else math.inf):
+                await wakeup.wait()
+        finally:
+            if not wakeup.is_set():
+                queue.idle.remove(wakeup)
+
+    def _begin(self, queue: _Queue, job: Job) -> Job | None:
+        """The job as its handler sees it, or None if it is past its deadline."""
+        if job.deadline is not None and job.deadline <= self.clock.now():
             late = JobDeadlineError(f"the job's deadline {job.deadline.isoformat()} has passed")
             self._bury(queue, job, job.retries, describe_error(late))
             self._logger.warning("job %s on queue %s not run: %s", job.id, job.queue, late)
-            return
-        retries = job.retries
-        seen = job
+            return None
         if job.status == "failed":  # this run is a retry
-            retries += 1
-            seen = job._replace(retries=retries)
-        self._in_flight += 1
-        try:
-            exc = await call_handler(handler, seen, handler.timeout_seconds)
-        except BaseException:
-            # Cancelled at shutdown: the job stays queued exactly as it was.
-            queue.push(self.clock.monotonic(), int(job.id or 0))
-            raise
-        finally:
-            self._in_flight -= 1
+            return job._replace(retries=job.retries + 1)
+        return job
+
+    def _finish(
+        self, queue: _Queue, handler: Handler, job: Job, seen: Job, exc: BaseException | None
+    ) -> RecoverCallback | None:
+        """Record a run's outcome; returns the recover callback to call, if any."""
+        retries = seen.retries
         old_key = (job.queue, job.fingerprint or "", job.status)
+        self._notify_progress()
         if exc is None:
             self._unique.pop(old_key, None)
             _set(job, status="processed", ran_at=self.clock.now(), error=None, retries=retries)
             queue.done_one()
+            return None
+        decision = decide_failure(retries, job.max_retries)
+        message = describe_error(exc)
+        if decision.dead:
+            self._bury(queue, job, retries, message)
         else:
-            decision = decide_failure(retries, job.max_retries)
-            message = describe_error(exc)
-            if decision.dead:
-                self._bury(queue, job, retries, message)
-            else:
-                self._unique.pop(old_key, None)
-                ran_at = self.clock.now()
-                run_after = ran_at + timedelta(seconds=decision.delay)
-                _set(job, status="failed", ran_at=ran_at, error=message, retries=retries)
-                _set(job, run_after=run_after)
-                self._unique[(job.queue, job.fingerprint or "", "failed")] = int(job.id or 0)
-                queue.push(self.clock.to_monotonic(run_after), int(job.id or 0))
-            self._logger.error(
-                "job %s on queue %s failed (%s): %s",
-                job.id,
-                job.queue,
-                "moved to dead jobs" if decision.dead else f"retry in {decision.delay:g} s",
-                message,
-            )
-            callback = handler.recover_callback or self._recovery_callback
-            if callback is not None:
-                await call_recover(callback, seen, exc, self._logger)
-        self._notify_progress()
+            self._unique.pop(old_key, None)
+            ran_at = self.clock.now()
+            run_after = ran_at + timedelta(seconds=decision.delay)
+            _set(job, status="failed", ran_at=ran_at, error=message, retries=retries)
+            _set(job, run_after=run_after)
+            self._unique[(job.queue, job.fingerprint or "", "failed")] = int(job.id or 0)
+            queue.push(self.clock.to_monotonic(run_after), int(job.id or 0))
+        self._logger.error(
+            "job %s on queue %s failed (%s): %s",
+            job.id,
+            job.queue,
+            "moved to dead jobs" if decision.dead else f"retry in {decision.delay:g} s",
+            message,
+        )
+        return handler.recover_callback or self._recovery_callback
 
     def _bury(self, queue: _Queue, job: Job, retries: int, message: str) -> None:
         job_id = int(job.id or 0)
@@ -326,8 +379,9 @@ class MemoryBackend(BackendCore):
         self._notify_progress()
 
     def _notify_progress(self) -> None:
-        progress, self._progress = self._progress, anyio.Event()
-        progress.set()
+        if self._progress is not None:
+            self._progress.set()
+            self._progress = None
 
     # -- internals -------------------------------------------------------------------
 
@@ -378,7 +432,21 @@ class MemoryBackend(BackendCore):
         )
 
     async def _wait_progress(self) -> None:
+        if self._progress is None:
+            self._progress = anyio.Event()
         await self._progress.wait()
+
+
+async def _call(handler: Handler, job: Job) -> Exception | None:
+    """Run a handler with the job in context; returns what it raised."""
+    token = _job.set(job)
+    try:
+        await handler.handle(job)
+    except Exception as exc:
+        return exc
+    finally:
+        _job.reset(token)
+    return None
 
 
 def _set(job: Job, **fields: Any) -> None:
