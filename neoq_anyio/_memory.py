@@ -277,9 +277,9 @@ class MemoryBackend(BackendCore):
                         if seen is None:
                             continue
                         if timeout is not None:
-                            started = anyio.current_time()
-                            if timer.deadline < started + timeout:
-                                timer.deadline = started + timeout + slack
+                            due = anyio.current_time() + timeout
+                            if not due <= timer.deadline <= due + slack:
+                                timer.deadline = due + slack
                         running = (job, seen)
                         self._in_flight += 1
                         exc = await _call(handler, seen)
@@ -345,7 +345,9 @@ class MemoryBackend(BackendCore):
         self._notify_progress()
         if exc is None:
             self._unique.pop(old_key, None)
-            _set(job, status="processed", ran_at=self.clock.now(), error=None, retries=retries)
+            self._jobs[int(job.id or 0)] = job._replace(
+                status="processed", ran_at=self.clock.now(), error=None, retries=retries
+            )
             queue.done_one()
             return None
         decision = decide_failure(retries, job.max_retries)
@@ -356,8 +358,9 @@ class MemoryBackend(BackendCore):
             self._unique.pop(old_key, None)
             ran_at = self.clock.now()
             run_after = ran_at + timedelta(seconds=decision.delay)
-            _set(job, status="failed", ran_at=ran_at, error=message, retries=retries)
-            _set(job, run_after=run_after)
+            self._jobs[int(job.id or 0)] = job._replace(
+                status="failed", ran_at=ran_at, error=message, retries=retries, run_after=run_after
+            )
             self._unique[(job.queue, job.fingerprint or "", "failed")] = int(job.id or 0)
             queue.push(self.clock.to_monotonic(run_after), int(job.id or 0))
         self._logger.error(
@@ -373,8 +376,9 @@ class MemoryBackend(BackendCore):
         job_id = int(job.id or 0)
         self._unique.pop((job.queue, job.fingerprint or "", job.status), None)
         del self._jobs[job_id]
-        _set(job, status="failed", error=message, retries=retries, created_at=self.clock.now())
-        self._dead[job_id] = job
+        self._dead[job_id] = job._replace(
+            status="failed", error=message, retries=retries, created_at=self.clock.now()
+        )
         queue.done_one()
         self._notify_progress()
 

@@ -128,10 +128,13 @@ class Job:
 
     def _replace(self, **changes: Any) -> Job:
         """A copy with some fields changed, read-only ones included."""
-        job = Job(self.queue)
-        for f in dataclasses.fields(self):
-            object.__setattr__(job, f.name, changes.get(f.name, getattr(self, f.name)))
+        job = object.__new__(Job)
+        for name in _JOB_FIELDS:
+            object.__setattr__(job, name, changes.get(name, getattr(self, name)))
         return job
+
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
 
 
 def _utc(value: datetime | None) -> datetime | None:

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JOB_COLUMNS",
+    "JOB_COLUMN_NAMES",
     "FutureJobQuery",
     "JobQuery",
     "PendingJobIDQuery",
@@ -27,6 +28,7 @@ JOB_COLUMNS: Final = (
     "id, fingerprint, queue, status, deadline, payload, retries, max_retries, "
     "run_after, ran_at, created_at, error"
 )
+JOB_COLUMN_NAMES: Final = tuple(name.strip() for name in JOB_COLUMNS.split(","))
 
 JobQuery: Final[LiteralString] = (
     "SELECT id, fingerprint, queue, status, deadline, payload, retries, max_retries, "

@@ -41,7 +41,6 @@ if TYPE_CHECKING:
 __all__ = ["QueueWorkers"]
 
 _INERROR = pq.TransactionStatus.INERROR
-_COLUMNS = tuple(name.strip() for name in _sql.JOB_COLUMNS.split(","))
 _DB_ERRORS = (psycopg.Error, DatabaseError)
 _ERROR_PAUSE = 1.0  # seconds a worker rests after a database error
 
@@ -132,7 +131,7 @@ class QueueWorkers:
             if row is None:
                 await conn.execute("ROLLBACK")
                 return False
-            job = Job._from_row(**dict(zip(_COLUMNS, row, strict=True)))
+            job = Job._from_row(**dict(zip(_sql.JOB_COLUMN_NAMES, row, strict=True)))
             self.in_flight += 1
             try:
                 failure = await self._run(conn, job)
