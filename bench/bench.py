@@ -11,7 +11,9 @@ machine's load, ratios taken in one run do not. Each scenario runs in a
 fresh schema, so table bloat from one does not slow the next.
 
 Targets: processing >= 50 % of the floor, enqueue >= 70 %, p50
-enqueue-to-start latency < 10 ms.
+enqueue-to-start latency < 10 ms; the in-memory backend processes at least
+20x faster than the PostgreSQL backend, and holds a million queued no-op jobs
+in under 1.5 GiB.
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ import asyncio
 import contextlib
 import hashlib
 import json
+import os
+import subprocess
 import sys
 import time
 import uuid
@@ -46,19 +50,23 @@ LOOPS = ("asyncio", "trio")
 
 @dataclass
 class Row:
+    """One line of the table: our figure beside a reference measured in the same run."""
+
     metric: str
     loop: str
     ours: float
-    floor: float
+    floor: float | None  # the reference; None when there is none
     unit: str
     target: str
     higher_is_better: bool = True
+    times: bool = False  # show the ratio as "25.3x" instead of a percentage
 
     @property
-    def ratio(self) -> float:
-        if self.higher_is_better:
-            return self.ours / self.floor
-        return self.floor / self.ours
+    def ratio_text(self) -> str:
+        if self.floor is None:
+            return "-"
+        ratio = self.ours / self.floor if self.higher_is_better else self.floor / self.ours
+        return f"{ratio:.1f}x" if self.times else f"{ratio:.0%}"
 
 
 # -- schema per scenario ------------------------------------------------------------
@@ -256,6 +264,73 @@ def bench_latency_floor(dsn: str, samples: int) -> list[float]:
     return asyncio.run(main())
 
 
+# -- in memory --------------------------------------------------------------------------
+
+
+def bench_process_memory(loop: str, count: int, concurrency: int) -> float:
+    async def main() -> float:
+        done = anyio.Event()
+        processed = 0
+
+        async def handle(job: Job) -> None:
+            nonlocal processed
+            processed += 1
+            if processed == count:
+                done.set()
+
+        async with open_backend() as nq:
+            for n in range(count):
+                await nq.enqueue(Job("work", {"n": n}))
+            start = time.perf_counter()
+            await nq.start(Handler("work", handle, concurrency=concurrency))
+            await done.wait()
+            return count / (time.perf_counter() - start)
+
+    return anyio.run(main, backend=loop)
+
+
+def _rss_mib() -> float:
+    with open("/proc/self/statm") as statm:
+        pages = int(statm.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def bench_memory_million(loop: str, count: int) -> dict[str, float]:
+    """Run in a fresh interpreter, so the RSS growth is the jobs' alone."""
+    out = subprocess.run(
+        [sys.executable, __file__, "--memory-million", loop, str(count)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def memory_million_child(loop: str, count: int) -> None:
+    async def main() -> dict[str, float]:
+        done = anyio.Event()
+        processed = 0
+
+        async def handle(job: Job) -> None:
+            nonlocal processed
+            processed += 1
+            if processed == count:
+                done.set()
+
+        async with open_backend() as nq:
+            before = _rss_mib()
+            for n in range(count):
+                await nq.enqueue(Job("work", {"n": n}))
+            rss = _rss_mib() - before
+            start = time.perf_counter()
+            await nq.start(Handler("work", handle, concurrency=10))
+            await done.wait()
+            return {"rss_mib": rss, "process_rate": count / (time.perf_counter() - start)}
+
+    print(json.dumps(anyio.run(main, backend=loop)))
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -265,40 +340,77 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def print_table(rows: list[Row]) -> None:
-    header = f"{'metric':<34} {'loop':<8} {'neoq_anyio':>12} {'floor':>12} {'ratio':>7}  target"
+    header = f"{'metric':<44} {'loop':<8} {'neoq_anyio':>13} {'reference':>13} {'ratio':>7}  target"
     print(header)
     print("-" * len(header))
     for r in rows:
+        floor = "" if r.floor is None else f"{r.floor:>10.1f} {r.unit:<3}"
         print(
-            f"{r.metric:<34} {r.loop:<8} {r.ours:>10.1f} {r.unit[:2]:<1} "
-            f"{r.floor:>9.1f} {r.unit[:2]:<2} {r.ratio:>6.0%}  {r.target}"
+            f"{r.metric:<44} {r.loop:<8} {r.ours:>10.1f} {r.unit:<3}"
+            f" {floor:>13} {r.ratio_text:>7}  {r.target}"
         )
+    print(
+        "\nreference: raw psycopg on asyncio running the same SQL (rows without 'memory'); "
+        "the PostgreSQL backend on the same loop (memory rows)."
+    )
 
 
-def run(dsn: str, *, quick: bool) -> list[Row]:
+def run(dsn: str, *, quick: bool, rounds: int) -> list[Row]:
     enqueue_n = 500 if quick else 3000
     process_n = 2000 if quick else 10_000
     samples = 50 if quick else 300
+    million = 50_000 if quick else 1_000_000
     rows: list[Row] = []
 
     def scenario(fn: Callable[..., Any], *args: Any) -> Any:
         with fresh_schema(dsn) as scoped:
             return fn(scoped, *args)
 
-    floor = scenario(bench_enqueue_floor, enqueue_n)
+    def best(fns: dict[str, Callable[[], float]]) -> dict[str, float]:
+        """Alternate the measurements for ``rounds`` rounds; keep each one's best,
+        so a burst of load on the shared machine does not pick a winner."""
+        results: dict[str, float] = {}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                results[name] = max(results.get(name, 0.0), fn())
+        return results
+
+    got = best(
+        {
+            "floor": lambda: scenario(bench_enqueue_floor, enqueue_n),
+            **{
+                loop: (lambda loop=loop: scenario(bench_enqueue_ours, loop, enqueue_n))
+                for loop in LOOPS
+            },
+        }
+    )
     for loop in LOOPS:
-        ours = scenario(bench_enqueue_ours, loop, enqueue_n)
-        rows.append(Row("enqueue (jobs/s, one per call)", loop, ours, floor, "/s", ">= 70%"))
+        rows.append(
+            Row("enqueue (jobs/s, one per call)", loop, got[loop], got["floor"], "/s", ">= 70%")
+        )
+    pg_rate: dict[tuple[str, int], float] = {}
     for concurrency in (10, 50):
-        floor = scenario(bench_process_floor, process_n, concurrency)
+        got = best(
+            {
+                "floor": lambda c=concurrency: scenario(bench_process_floor, process_n, c),
+                **{
+                    loop: (
+                        lambda loop=loop, c=concurrency: scenario(
+                            bench_process_ours, loop, process_n, c
+                        )
+                    )
+                    for loop in LOOPS
+                },
+            }
+        )
         for loop in LOOPS:
-            ours = scenario(bench_process_ours, loop, process_n, concurrency)
+            pg_rate[loop, concurrency] = got[loop]
             rows.append(
                 Row(
                     f"process {process_n} no-op, c={concurrency} (jobs/s)",
                     loop,
-                    ours,
-                    floor,
+                    got[loop],
+                    got["floor"],
                     "/s",
                     ">= 50%",
                 )
@@ -318,6 +430,43 @@ def run(dsn: str, *, quick: bool) -> list[Row]:
                     higher_is_better=False,
                 )
             )
+    for concurrency in (10, 50):
+        for loop in LOOPS:
+            rate = max(bench_process_memory(loop, process_n, concurrency) for _ in range(rounds))
+            rows.append(
+                Row(
+                    f"memory: process {process_n} no-op, c={concurrency}",
+                    loop,
+                    rate,
+                    pg_rate[loop, concurrency],
+                    "/s",
+                    ">= 20x",
+                    times=True,
+                )
+            )
+    for loop in LOOPS:
+        result = bench_memory_million(loop, million)
+        rows.append(
+            Row(
+                f"memory: {million:,} queued no-op jobs: RSS",
+                loop,
+                result["rss_mib"],
+                None,
+                "MiB",
+                "< 1536 MiB",
+            )
+        )
+        rows.append(
+            Row(
+                f"memory: process {million:,} no-op, c=10",
+                loop,
+                result["process_rate"],
+                pg_rate[loop, 10],
+                "/s",
+                ">= 20x",
+                times=True,
+            )
+        )
     return rows
 
 
@@ -325,12 +474,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--dsn", help="PostgreSQL to use (default: an embedded server)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds (best kept)")
+    parser.add_argument(
+        "--memory-million", nargs=2, metavar=("LOOP", "COUNT"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
+    if args.memory_million:
+        memory_million_child(args.memory_million[0], int(args.memory_million[1]))
+        return 0
     if args.dsn:
-        rows = run(args.dsn, quick=args.quick)
+        rows = run(args.dsn, quick=args.quick, rounds=args.rounds)
     else:
         with embedded_postgres() as dsn:
-            rows = run(dsn, quick=args.quick)
+            rows = run(dsn, quick=args.quick, rounds=args.rounds)
     print_table(rows)
     return 0
 

@@ -8,7 +8,8 @@ so ``shutdown()`` can stop them while the caller's block goes on:
 2. let jobs in flight finish for up to ``shutdown_timeout``
    (``_wait_workers``), shielded so that a block leaving by cancellation
    still gets its grace period;
-3. cancel every worker and service, then release resources (``_close``).
+3. cancel the workers and give them a moment to roll back, then cancel the
+   services and release resources (``_close``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,9 @@ if TYPE_CHECKING:
     from ._models import Handler, RecoverCallback
     from ._pg._pool import PoolStatistics
 
-__all__ = ["BackendCore", "BackendStatistics"]
+__all__ = ["BackendCore", "BackendStatistics", "Options"]
+
+_CANCEL_GRACE = 5.0  # seconds cancelled workers get to roll back before the pool closes
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +54,21 @@ class BackendStatistics:
     jobs_in_flight: int
     pool: PoolStatistics | None
     listener_reconnects: int
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    """``open_backend``'s options, validated and in seconds."""
+
+    connection_timeout: float
+    synchronous_commit: bool
+    transaction_timeout: float
+    job_check_interval: float
+    pending_job_check_interval: float
+    future_job_window: float
+    shutdown_timeout: float
+    recovery_callback: RecoverCallback | None
+    logger: logging.Logger
 
 
 class BackendCore:
@@ -133,7 +151,13 @@ class BackendCore:
             self._stop_intake()
             with anyio.move_on_after(self._shutdown_timeout, shield=True):
                 await self._wait_workers()
-            for scope in (*self._worker_scopes, *self._service_scopes):
+            for scope in self._worker_scopes:
+                scope.cancel()
+            # Cancelled workers roll their jobs back as they leave; wait for
+            # that before closing the pool under them.
+            with anyio.move_on_after(_CANCEL_GRACE, shield=True):
+                await self._wait_workers()
+            for scope in self._service_scopes:
                 scope.cancel()
             self._close()
         finally:

@@ -30,7 +30,7 @@ import anyio
 import anyio.lowlevel
 
 from ._backoff import decide_failure
-from ._base import BackendCore, BackendStatistics
+from ._base import BackendCore, BackendStatistics, Options
 from ._context import _job
 from ._cron import WallClock
 from ._exceptions import (
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
     from ._models import Handler, RecoverCallback
     from ._pg._connection import AnyioConnection
-    from ._postgres import Options
 
 __all__ = ["MemoryBackend", "MemoryClock"]
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +19,7 @@ from psycopg import errors as e
 from psycopg import pq, sql
 
 from . import _sql
-from ._base import BackendCore, BackendStatistics
+from ._base import BackendCore, BackendStatistics, Options
 from ._cron import CLAIM_TICK, tick_job_fields
 from ._dsn import ConnectionSettings, parse_connection_string
 from ._exceptions import (
@@ -44,7 +43,7 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskGroup
 
-__all__ = ["Options", "PostgresBackend", "prepare_postgres"]
+__all__ = ["PostgresBackend", "prepare_postgres"]
 
 _IDLE = pq.TransactionStatus.IDLE
 
@@ -312,21 +311,6 @@ async def _create_database(settings: ConnectionSettings) -> bool:
         return True
     finally:
         await conn.close()
-
-
-@dataclass(frozen=True, slots=True)
-class Options:
-    """``open_backend``'s options, validated and in seconds."""
-
-    connection_timeout: float
-    synchronous_commit: bool
-    transaction_timeout: float
-    job_check_interval: float
-    pending_job_check_interval: float
-    future_job_window: float
-    shutdown_timeout: float
-    recovery_callback: RecoverCallback | None
-    logger: logging.Logger
 
 
 async def prepare_postgres(

@@ -110,7 +110,10 @@ def schema_name() -> str:
 @pytest.fixture
 def dsn(server_dsn: str, schema_name: str) -> Iterator[str]:
     """A connection string whose search_path is a fresh, not yet created schema."""
-    yield with_params(server_dsn, options=f"-csearch_path={schema_name}")
+    # application_name tells this test's sessions apart in pg_stat_activity.
+    yield with_params(
+        server_dsn, options=f"-csearch_path={schema_name}", application_name=schema_name
+    )
     with psycopg.connect(server_dsn, autocommit=True) as conn:
         conn.execute(
             sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema_name))
