@@ -109,6 +109,20 @@ def payload_params(queue: str, n: int) -> tuple[Any, ...]:
     return (queue, fingerprint, text, None, None)
 
 
+class Counter:
+    """A no-op handler that sets ``done`` after ``count`` jobs."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self.processed = 0
+        self.done = anyio.Event()
+
+    async def __call__(self, job: Job) -> None:
+        self.processed += 1
+        if self.processed == self.count:
+            self.done.set()
+
+
 # -- enqueue ---------------------------------------------------------------------------
 
 
@@ -159,14 +173,8 @@ def bench_process_ours(dsn: str, loop: str, count: int, concurrency: int) -> flo
     scoped = f"{dsn} pool_max_conns={concurrency + 2}"  # fresh_schema gives key=value form
 
     async def main() -> float:
-        done = anyio.Event()
-        processed = 0
-
-        async def handle(job: Job) -> None:
-            nonlocal processed
-            processed += 1
-            if processed == count:
-                done.set()
+        handle = Counter(count)
+        done = handle.done
 
         async with open_backend(scoped) as nq:
             start = time.perf_counter()
@@ -269,14 +277,8 @@ def bench_latency_floor(dsn: str, samples: int) -> list[float]:
 
 def bench_process_memory(loop: str, count: int, concurrency: int) -> float:
     async def main() -> float:
-        done = anyio.Event()
-        processed = 0
-
-        async def handle(job: Job) -> None:
-            nonlocal processed
-            processed += 1
-            if processed == count:
-                done.set()
+        handle = Counter(count)
+        done = handle.done
 
         async with open_backend() as nq:
             for n in range(count):
@@ -309,14 +311,8 @@ def bench_memory_million(loop: str, count: int) -> dict[str, float]:
 
 def memory_million_child(loop: str, count: int) -> None:
     async def main() -> dict[str, float]:
-        done = anyio.Event()
-        processed = 0
-
-        async def handle(job: Job) -> None:
-            nonlocal processed
-            processed += 1
-            if processed == count:
-                done.set()
+        handle = Counter(count)
+        done = handle.done
 
         async with open_backend() as nq:
             before = _rss_mib()

@@ -42,6 +42,7 @@ from ._exceptions import (
 from ._execution import call_recover, describe_error
 from ._fingerprint import encode_payload
 from ._models import Job, validate_job
+from ._wakeups import wait_in_line
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
@@ -191,7 +192,7 @@ class MemoryBackend(BackendCore):
                 )
             if queue.capacity is None or queue.unprocessed < queue.capacity:
                 break
-            await self._wait_for_space(queue)
+            await wait_in_line(queue.space)
         self._next_id += 1
         job_id = self._next_id
         now = self.clock.now()
@@ -315,14 +316,8 @@ class MemoryBackend(BackendCore):
     async def _idle_wait(self, queue: _Queue) -> None:
         """Sleep until the queue's earliest job is due, or a wake-up."""
         heap = queue.heap
-        wakeup = anyio.Event()  # set by a new job, advance() or shutdown
-        queue.idle.append(wakeup)
-        try:
-            with anyio.move_on_after(heap[0][0] - self.clock.monotonic() if heap else math.inf):
-                await wakeup.wait()
-        finally:
-            if not wakeup.is_set():
-                queue.idle.remove(wakeup)
+        # Woken by a new job, advance() or shutdown.
+        await wait_in_line(queue.idle, heap[0][0] - self.clock.monotonic() if heap else math.inf)
 
     def _begin(self, queue: _Queue, job: Job) -> Job | None:
         """The job as its handler sees it, or None if it is past its deadline."""
@@ -393,15 +388,6 @@ class MemoryBackend(BackendCore):
         if queue is None:
             queue = self._queues[name] = _Queue()
         return queue
-
-    async def _wait_for_space(self, queue: _Queue) -> None:
-        event = anyio.Event()
-        queue.space.append(event)
-        try:
-            await event.wait()
-        finally:
-            if not event.is_set():
-                queue.space.remove(event)
 
     async def _enqueue_tick(self, queue: str, tick: datetime) -> bool:
         # One process: a tick is claimed the first time it is seen.

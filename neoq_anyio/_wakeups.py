@@ -16,12 +16,26 @@ fetches to about one per process instead of one per job.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from enum import Enum
 
 import anyio
 
-__all__ = ["Wake", "Wakeups"]
+__all__ = ["Wake", "Wakeups", "wait_in_line"]
+
+
+async def wait_in_line(line: deque[anyio.Event], timeout: float = math.inf) -> None:
+    """Queue an event on ``line`` and wait until someone sets it (or ``timeout``
+    seconds pass); a waiter that leaves unwoken takes its event out of line."""
+    event = anyio.Event()
+    line.append(event)
+    try:
+        with anyio.move_on_after(timeout):
+            await event.wait()
+    finally:
+        if not event.is_set():
+            line.remove(event)
 
 
 class Wake(Enum):
@@ -86,10 +100,4 @@ class Wakeups:
                 return Wake.HINT
             if self._sweeping:
                 return Wake.SWEEP
-            event = anyio.Event()
-            self._idle.append(event)
-            try:
-                await event.wait()
-            finally:
-                if not event.is_set():
-                    self._idle.remove(event)
+            await wait_in_line(self._idle)
