@@ -29,6 +29,7 @@ from ._models import Job as Job
 from ._open import DEFAULT_CONNECTION_TIMEOUT as DEFAULT_CONNECTION_TIMEOUT
 from ._open import open_backend as open_backend
 from ._pg._connection import AnyioConnection as AnyioConnection
+from ._pg._pool import PoolStatistics as PoolStatistics
 from ._postgres import PostgresBackend as PostgresBackend
 from ._protocol import Backend as Backend
 from ._sql import FutureJobQuery as FutureJobQuery
@@ -57,6 +58,7 @@ __all__ = (
     "NoQueueError",
     "NoTransactionError",
     "PendingJobIDQuery",
+    "PoolStatistics",
     "PoolTimeoutError",
     "PostgresBackend",
     "current_job",

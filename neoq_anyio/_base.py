@@ -46,7 +46,10 @@ class BackendStatistics:
     Attributes:
         queues: queues with a handler in this process.
         jobs_in_flight: jobs running now in this process.
-        pool: the connection pool's use (``None`` on the in-memory backend).
+        pool: the connection pool's use (``None`` on the in-memory backend):
+            ``size`` (connections open), ``idle``, ``in_use``, ``waiting``
+            (tasks waiting for a connection) and ``max_size``
+            (``pool_max_conns``).
         listener_reconnects: times the LISTEN connection was re-established.
     """
 
@@ -220,7 +223,10 @@ class BackendCore:
             self._tg.start_soon(self._run_worker, work)
 
     async def _run_worker(self, work: Callable[[], Awaitable[None]]) -> None:
-        with anyio.CancelScope() as scope:  # cancelled past shutdown_timeout
+        # Shielded: a cancellation of the caller's block must not reach jobs
+        # in flight before their grace period; shutdown(), which always runs
+        # as the block ends, cancels this scope once shutdown_timeout passed.
+        with anyio.CancelScope(shield=True) as scope:
             self._worker_scopes.append(scope)
             await work()
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -33,7 +33,6 @@ __all__ = ["DEFAULT_CONNECTION_TIMEOUT", "open_backend"]
 DEFAULT_CONNECTION_TIMEOUT = 30.0
 """Seconds to wait for a pooled connection before ``PoolTimeoutError`` (Go neoq's default)."""
 
-_Duration: TypeAlias = "float | timedelta"
 _MEMORY = "memory://"
 
 
@@ -51,13 +50,13 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
 async def open_backend(
     connection_string: str | None = None,
     *,
-    connection_timeout: _Duration = DEFAULT_CONNECTION_TIMEOUT,
+    connection_timeout: float | timedelta = DEFAULT_CONNECTION_TIMEOUT,
     synchronous_commit: bool = False,
-    transaction_timeout: _Duration = 30.0,
-    job_check_interval: _Duration = 1.0,
-    pending_job_check_interval: _Duration = 60.0,
-    future_job_window: _Duration = 30.0,
-    shutdown_timeout: _Duration = 30.0,
+    transaction_timeout: float | timedelta = 30.0,
+    job_check_interval: float | timedelta = 1.0,
+    pending_job_check_interval: float | timedelta = 60.0,
+    future_job_window: float | timedelta = 30.0,
+    shutdown_timeout: float | timedelta = 30.0,
     recovery_callback: RecoverCallback | None = None,
     logger: logging.Logger | None = None,
 ) -> AsyncIterator[Backend]:
@@ -67,17 +66,19 @@ async def open_backend(
         connection_string: a ``postgres://`` / ``postgresql://`` URL or a
             libpq ``key=value`` string, with Go neoq's ``pool_*`` options; or
             ``None`` / ``"memory://"`` for the in-memory backend.
-        connection_timeout: seconds to wait for a pooled connection (30).
+        connection_timeout: seconds ``enqueue`` and ``connection()`` wait for
+            a pooled connection before ``PoolTimeoutError`` (30; above 0).
         synchronous_commit: keep PostgreSQL's ``synchronous_commit`` for
             neoq's sessions; off by default, which makes job bookkeeping
             several times faster but can lose the last few commits if the
-            server crashes (those jobs then run again).
+            server crashes: a job marked done runs again, and a job enqueued
+            through the backend's pool in that moment is lost.
         transaction_timeout: seconds a job's transaction may sit idle
             (PostgreSQL's ``idle_in_transaction_session_timeout``, 30);
             0 means no bound. A handler's ``job_timeout`` may not exceed it.
-        job_check_interval: seconds between looks for future jobs (1).
+        job_check_interval: seconds between looks for future jobs (1; above 0).
         pending_job_check_interval: seconds between looks for due jobs no
-            notification announced (60).
+            notification announced (60; above 0).
         future_job_window: how far ahead, in seconds, future jobs are
             scheduled in memory (30).
         shutdown_timeout: seconds jobs in flight get to finish on shutdown
@@ -88,6 +89,16 @@ async def open_backend(
     Durations are seconds (``float``) or ``datetime.timedelta``. The
     in-memory backend accepts the same options and ignores those about
     connections and PostgreSQL.
+
+    Yields:
+        The backend (``PostgresBackend`` or ``MemoryBackend``), with its
+        background tasks running.
+
+    Leaving the block, normally, by an exception or by cancellation, lets
+    jobs in flight finish for up to ``shutdown_timeout``, then cancels them;
+    the jobs cut short stay queued. A lone
+    exception from the block or a background task comes out unwrapped;
+    several come out as an ``ExceptionGroup``.
 
     Raises:
         ConnectionStringError: the connection string is empty, malformed or

@@ -78,6 +78,7 @@ class PostgresBackend(BackendCore):
         )
         self._settings = settings
         self._pool = pool
+        pool.logger = self._get_logger
         self._queues: dict[str, Wakeups] = {}
         self._workers: dict[str, QueueWorkers] = {}
         redact, log = settings.redact, self._get_logger

@@ -23,9 +23,14 @@ __all__ = ["embedded_postgres"]
 def embedded_postgres(datadir: str | None = None) -> Iterator[str]:
     """Start a private PostgreSQL server for the block and yield its connection string.
 
+    The connection string is a ``postgresql://`` URL for the server's
+    ``postgres`` superuser and database, over a Unix socket in the data
+    directory, ready for ``open_backend``. The server stops when the block
+    ends.
+
     Args:
         datadir: where the cluster lives; default: a temporary directory,
-            removed afterwards.
+            removed afterwards. An existing cluster there is reused.
 
     Raises:
         ModuleNotFoundError: the ``embedded`` extra is not installed.

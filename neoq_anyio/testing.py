@@ -1,9 +1,16 @@
 """Helpers for testing your own job code, on either backend.
 
 ```python
-from neoq_anyio import Handler, Job, open_backend
-from neoq_anyio.testing import drain, enqueued, fast_forward
+import pytest
 
+from neoq_anyio import Handler, Job, open_backend
+from neoq_anyio.testing import drain, enqueued
+
+
+async def send_welcome(job: Job) -> None: ...
+
+
+@pytest.mark.anyio
 async def test_welcome_mail_is_sent() -> None:
     async with open_backend() as nq:                      # in memory
         await nq.start(Handler("emails", send_welcome))
@@ -49,10 +56,16 @@ async def drain(nq: Backend, *, timeout: float = 30.0) -> None:
     """Wait until no job is due on the queues ``nq`` has handlers for, and none runs.
 
     Jobs due later (future jobs, retries waiting out their backoff) do not
-    count: use ``fast_forward`` to make them due.
+    count: use ``fast_forward`` to make them due. On PostgreSQL it polls the
+    database every 10 ms.
+
+    Args:
+        nq: a backend from ``open_backend``, whose block is open.
+        timeout: seconds to wait at most (30).
 
     Raises:
         TimeoutError: jobs were still due or running after ``timeout`` seconds.
+        TypeError: ``nq`` is not a backend from ``open_backend``.
     """
     with anyio.fail_after(timeout):
         if isinstance(nq, MemoryBackend):
@@ -80,7 +93,15 @@ async def enqueued(nq: Backend, queue: str | None = None) -> list[Job]:
     Works after the backend shut down too, so tests can look at what was left.
 
     Args:
-        queue: only this queue's jobs.
+        nq: a backend from ``open_backend``.
+        queue: only this queue's jobs (default: every queue).
+
+    Returns:
+        The jobs, with their read-only fields (``id``, ``status``,
+        ``retries``, ``ran_at``, ``error``, ``created_at``) filled in.
+
+    Raises:
+        TypeError: ``nq`` is not a backend from ``open_backend``.
     """
     if isinstance(nq, MemoryBackend):
         return [j for j in nq._jobs.values() if queue is None or j.queue == queue]
@@ -88,7 +109,22 @@ async def enqueued(nq: Backend, queue: str | None = None) -> list[Job]:
 
 
 async def dead_jobs(nq: Backend, queue: str | None = None) -> list[Job]:
-    """Jobs moved to the dead jobs (retries exhausted, or deadline passed), oldest first."""
+    """Jobs moved to the dead jobs (retries exhausted, or deadline passed), oldest first.
+
+    Works after the backend shut down too.
+
+    Args:
+        nq: a backend from ``open_backend``.
+        queue: only this queue's jobs (default: every queue).
+
+    Returns:
+        The dead jobs. ``retries`` and ``error`` are those of the last run,
+        ``created_at`` is when the job died, and on PostgreSQL ``run_after``
+        and ``ran_at`` are ``None`` (the table has no such columns).
+
+    Raises:
+        TypeError: ``nq`` is not a backend from ``open_backend``.
+    """
     if isinstance(nq, MemoryBackend):
         return [j for j in nq._dead.values() if queue is None or j.queue == queue]
     return await _select(_postgres(nq), "neoq_dead_jobs", queue)
@@ -100,10 +136,16 @@ async def fast_forward(nq: Backend, seconds: float | timedelta) -> None:
     In memory, the backend's clock moves ahead: future jobs, retries and
     cron ticks within ``seconds`` come due. On PostgreSQL, the ``run_after``
     of unprocessed future jobs moves back by ``seconds`` (the database's
-    clock cannot move), and the schedulers look again.
+    clock cannot move), and the schedulers look again; cron there follows
+    the real clock.
+
+    Args:
+        nq: a backend from ``open_backend``, whose block is open.
+        seconds: how much time passes, in seconds or as a ``timedelta``.
 
     Raises:
         ConfigurationError: ``seconds`` is negative.
+        TypeError: ``nq`` is not a backend from ``open_backend``.
     """
     delta = to_seconds(seconds, name="seconds")
     if isinstance(nq, MemoryBackend):

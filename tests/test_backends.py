@@ -247,3 +247,28 @@ def _in(**delta: float) -> Any:
     from datetime import UTC, datetime
 
     return datetime.now(UTC) + timedelta(**delta)
+
+
+async def test_cancelling_the_block_still_gives_jobs_their_grace(
+    connection_string: str | None,
+) -> None:
+    started = anyio.Event()
+    finished: list[str] = []
+
+    async def slow(job: Job) -> None:
+        started.set()
+        await anyio.sleep(0.3)
+        finished.append(job.id or "")
+
+    with anyio.fail_after(10):
+        with anyio.CancelScope() as outer:
+            async with opened(connection_string, shutdown_timeout=5) as nq:
+                await nq.start(Handler("slow", slow))
+                job_id = await nq.enqueue(Job("slow"))
+                await started.wait()
+                outer.cancel()  # e.g. Ctrl-C or a failing sibling task
+                await anyio.sleep_forever()
+        assert outer.cancelled_caught
+    assert finished == [job_id]
+    [job] = await enqueued(nq, "slow")
+    assert job.status == "processed"

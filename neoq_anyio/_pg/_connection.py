@@ -147,7 +147,13 @@ class AnyioConnection(psycopg.AsyncConnection[TupleRow]):
     """A psycopg ``AsyncConnection`` usable on both asyncio and trio.
 
     It is a real ``psycopg.AsyncConnection``: cursors, ``transaction()``,
-    adapters and row factories work as psycopg documents them.
+    adapters and row factories work as psycopg documents them. You get one
+    from ``nq.connection()`` or, inside a job, from
+    ``current_transaction()``; do not build one yourself.
+
+    A cancellation in the middle of a query cancels the query on the server
+    and waits (shielded, at most 5 s) for it to stop, so the connection is
+    left usable; if it does not stop, the connection is closed.
     """
 
     __module__ = "neoq_anyio"

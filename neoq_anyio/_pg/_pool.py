@@ -122,6 +122,7 @@ class ConnectionPool:
         connection_timeout: float,
         redact: Callable[[str], str] = str,
     ) -> None:
+        self.logger: Callable[[], logging.Logger] = lambda: logger  # the backend's, once it has one
         self._connect = connect
         self._options = options
         self._timeout = connection_timeout
@@ -228,7 +229,7 @@ class ConnectionPool:
                 try:
                     await conn.rollback()
                 except e.Error as exc:
-                    logger.debug("rollback on release failed: %s", self._redact(str(exc)))
+                    self.logger().debug("rollback on release failed: %s", self._redact(str(exc)))
         if pgconn.transaction_status == _IDLE:
             conn._autocommit = True  # internal work batches its own BEGIN/COMMIT
         if self._usable(conn):
@@ -312,7 +313,7 @@ class ConnectionPool:
             try:
                 conn = await self._open()
             except DatabaseError as exc:
-                logger.warning("pool could not open a connection: %s", exc)
+                self.logger().warning("pool could not open a connection: %s", exc)
                 return
             self._put(conn)
 
