@@ -144,7 +144,7 @@ class MemoryBackend(BackendCore):
         self._dead: dict[int, Job] = {}
         self._unique: dict[tuple[str, str, str], int] = {}
         self._queues: dict[str, _Queue] = {}
-        self._ticks: set[tuple[str, datetime]] = set()
+        self._last_tick: dict[str, datetime] = {}  # per cron queue
         self._next_id = 0
         self._in_flight = 0
         self._workers = 0
@@ -390,10 +390,12 @@ class MemoryBackend(BackendCore):
         return queue
 
     async def _enqueue_tick(self, queue: str, tick: datetime) -> bool:
-        # One process: a tick is claimed the first time it is seen.
-        if (queue, tick) in self._ticks:
+        # One process, whose ticks only move forward: a tick is claimed the
+        # first time it is seen.
+        last = self._last_tick.get(queue)
+        if last is not None and tick <= last:
             return False
-        self._ticks.add((queue, tick))
+        self._last_tick[queue] = tick
         await self.enqueue(Job(queue, {"tick": tick.astimezone(UTC).isoformat()}))
         return True
 

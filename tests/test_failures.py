@@ -9,7 +9,7 @@ import anyio
 import anyio.lowlevel
 import pytest
 
-from neoq_anyio import ConfigurationError, Handler, Job, JobTimeoutError
+from neoq_anyio import ConfigurationError, Handler, Job, JobTimeoutError, current_transaction
 from neoq_anyio._backoff import backoff_seconds, decide_failure
 
 from .conftest import Database, wait_until
@@ -326,3 +326,32 @@ async def test_error_in_recover_callback_is_logged(
     record = next(r for r in caplog.records if "recover callback failed" in r.getMessage())
     assert record.exc_info is not None
     assert "callback broke" in str(record.exc_info[1])
+
+
+async def test_job_timeout_during_a_query_cancels_it_on_the_server(dsn: str, db: Database) -> None:
+    runs: list[str] = []
+    second = Recorder()
+
+    async def slow_query(job: Job) -> None:
+        runs.append(job.id or "")
+        if (job.payload or {}).get("slow"):
+            await current_transaction().execute("SELECT pg_sleep(30)")
+        else:
+            await second(job)
+
+    async with backend(dsn + " pool_max_conns=2") as nq:
+        await nq.start(Handler("sql", slow_query, job_timeout=0.3, concurrency=1))
+        slow_id = await nq.enqueue(Job("sql", {"slow": True}))
+        error = await db.wait_for(
+            f"SELECT error FROM neoq_jobs WHERE id = {slow_id}", lambda e: e is not None
+        )
+        assert error.startswith("JobTimeoutError")
+        # The query stopped on the server, and the worker's connection is fine:
+        # the next job runs on it.
+        sleeping = await db.value(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' "
+            "AND state = 'active'"
+        )
+        assert sleeping == 0
+        await nq.enqueue(Job("sql", {"slow": False}))
+        await second.wait()
