@@ -38,7 +38,7 @@ from psycopg.transaction import AsyncTransaction
 from psycopg.waiting import Ready, Wait
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
     from types import TracebackType
 
     from psycopg.abc import RV, PQGen
@@ -138,7 +138,8 @@ class _ShieldedTransaction(AsyncTransaction):
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + CANCEL_GRACE
             return await super().__aexit__(exc_type, exc_val, exc_tb)
-        logger.warning("transaction did not end after cancellation: closing connection")
+        log = getattr(self._conn, "log", lambda: logger)
+        log().warning("transaction did not end after cancellation: closing connection")
         self._conn.pgconn.finish()
         return False
 
@@ -164,6 +165,9 @@ class AnyioConnection(psycopg.AsyncConnection[TupleRow]):
         # fast_acquire: an uncontended acquire does not yield to the loop;
         # the wait on the socket that follows is the checkpoint.
         self.lock = anyio.Lock(fast_acquire=True)  # type: ignore[assignment]
+        # Where this connection's own warnings go; a pool points it at the
+        # backend's logger, so set_logger() covers them too.
+        self.log: Callable[[], logging.Logger] = lambda: logger
 
     async def wait(self, gen: PQGen[RV], interval: float = 0.0, timeout: float | None = None) -> RV:
         """Consume a psycopg generator, waiting on the socket through AnyIO.
@@ -205,10 +209,10 @@ class AnyioConnection(psycopg.AsyncConnection[TupleRow]):
             except e.QueryCanceled:
                 pass  # what a cancelled query answers
             except Exception as exc:
-                logger.warning("query cancellation failed (%s): closing connection", exc)
+                self.log().warning("query cancellation failed (%s): closing connection", exc)
                 self.pgconn.finish()
         if scope.cancelled_caught or self.pgconn.transaction_status == _ACTIVE:
-            logger.warning("query not terminated after cancellation: closing connection")
+            self.log().warning("query not terminated after cancellation: closing connection")
             self.pgconn.finish()
 
     @asynccontextmanager

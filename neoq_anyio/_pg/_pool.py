@@ -211,6 +211,7 @@ class ConnectionPool:
             if isinstance(exc, e.Error):
                 raise DatabaseError(self._redact(f"cannot connect: {exc}")) from None
             raise
+        conn.log = self.logger
         lifetime = self._options.max_conn_lifetime
         if lifetime > 0:
             lifetime += random.uniform(0, self._options.max_conn_lifetime_jitter)
