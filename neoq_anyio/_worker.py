@@ -103,7 +103,7 @@ class QueueWorkers:
                     found = await self._take_and_run()
                 except _DB_ERRORS as exc:
                     self._logger().warning(
-                        "queue %s: cannot take a job, retrying in %g s: %s",
+                        "queue %s: database error, trying again in %g s: %s",
                         self.handler.queue,
                         _ERROR_PAUSE,
                         self._redact(str(exc)),

@@ -69,7 +69,7 @@ async def drain(nq: Backend, *, timeout: float = 30.0) -> None:
     """
     with anyio.fail_after(timeout):
         if isinstance(nq, MemoryBackend):
-            while nq._due_count() or nq.statistics().jobs_in_flight:
+            while nq._has_due() or nq.statistics().jobs_in_flight:
                 await nq._wait_progress()
             return
         pg = _postgres(nq)

@@ -86,6 +86,14 @@ class _Entry:
         self.idle_since = 0.0
 
 
+def _clean(conn: AnyioConnection) -> bool:
+    """Open, idle, and not inside a psycopg transaction block."""
+    pgconn = conn.pgconn
+    return (
+        pgconn.status == _OK and pgconn.transaction_status == _IDLE and not conn._num_transactions
+    )
+
+
 def _looks_alive(conn: AnyioConnection) -> bool:
     """Cheap liveness check for an idle connection, without a round trip.
 
@@ -93,13 +101,10 @@ def _looks_alive(conn: AnyioConnection) -> bool:
     closing it (restart, ``pg_terminate_backend``, idle timeout) or sent
     something unsolicited; either way a fresh connection is the safe choice.
     """
-    pgconn = conn.pgconn
-    if pgconn.status != _OK or pgconn.transaction_status != _IDLE:
-        return False
-    if conn._num_transactions:  # psycopg thinks a transaction block is still open
+    if not _clean(conn):
         return False
     poller = select.poll()
-    poller.register(pgconn.socket, select.POLLIN)
+    poller.register(conn.pgconn.socket, select.POLLIN)
     return not poller.poll(0)
 
 
@@ -233,26 +238,25 @@ class ConnectionPool:
                     self.logger().debug("rollback on release failed: %s", self._redact(str(exc)))
         if pgconn.transaction_status == _IDLE:
             conn._autocommit = True  # internal work batches its own BEGIN/COMMIT
-        if self._usable(conn):
+        # No socket poll here: the connection was just in use, and the next
+        # acquire from the idle stack looks at the socket anyway.
+        if self._usable(conn, poll=False):
             self._put(conn)
         else:
             self._discard(conn)
 
-    def _usable(self, conn: AnyioConnection) -> bool:
+    def _usable(self, conn: AnyioConnection, *, poll: bool = True) -> bool:
         entry = self._entries.get(id(conn))
-        return (
-            not self._closed
-            and entry is not None
-            and entry.expires_at > anyio.current_time()
-            and _looks_alive(conn)
-        )
+        if self._closed or entry is None or entry.expires_at <= anyio.current_time():
+            return False
+        return _looks_alive(conn) if poll else _clean(conn)
 
     def _put(self, conn: AnyioConnection) -> None:
         """Hand a healthy connection to the oldest waiter, or park it idle."""
         if self._closed:
             self._discard(conn)
             return
-        while self._waiters:
+        if self._waiters:
             waiter = self._waiters.popleft()
             waiter.conn = conn
             waiter.event.set()
