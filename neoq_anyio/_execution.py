@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
     from ._models import Handler, Job, RecoverCallback
 
-__all__ = ["call_handler", "call_recover", "describe_error"]
+__all__ = ["call_handler", "call_recover", "describe_error", "run_handler"]
 
 
 def describe_error(exc: BaseException) -> str:
@@ -26,30 +26,38 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
 
 
+async def run_handler(
+    handler: Handler, job: Job, transaction: psycopg.AsyncConnection[Any] | None = None
+) -> Exception | None:
+    """Run the handler with the job (and its transaction) in context; returns
+    what it raised, if anything. Cancellation propagates."""
+    job_token = _job.set(job)
+    tx_token = _transaction.set(transaction)
+    try:
+        await handler.handle(job)
+    except Exception as exc:
+        return exc
+    finally:
+        _transaction.reset(tx_token)
+        _job.reset(job_token)
+    return None
+
+
 async def call_handler(
     handler: Handler,
     job: Job,
     timeout: float | None,
     transaction: psycopg.AsyncConnection[Any] | None = None,
 ) -> Exception | None:
-    """Run the handler under its timeout with the job (and its transaction) in
-    context; returns what it raised, if anything. Cancellation from outside
-    propagates."""
-    job_token = _job.set(job)
-    tx_token = _transaction.set(transaction)
-    try:
-        with anyio.CancelScope() as scope:
-            if timeout is not None:
-                scope.deadline = anyio.current_time() + timeout
-            await handler.handle(job)
-        if scope.cancelled_caught:
-            return JobTimeoutError(f"the job ran past its job_timeout of {timeout:g} s")
-        return None
-    except Exception as exc:
-        return exc
-    finally:
-        _transaction.reset(tx_token)
-        _job.reset(job_token)
+    """``run_handler`` under the handler's timeout: past it the handler is
+    cancelled and ``JobTimeoutError`` is returned."""
+    with anyio.CancelScope() as scope:
+        if timeout is not None:
+            scope.deadline = anyio.current_time() + timeout
+        exc = await run_handler(handler, job, transaction)
+    if scope.cancelled_caught:
+        return JobTimeoutError(f"the job ran past its job_timeout of {timeout:g} s")
+    return exc
 
 
 async def call_recover(

@@ -31,7 +31,6 @@ import anyio.lowlevel
 
 from ._backoff import decide_failure
 from ._base import BackendCore, BackendStatistics, Options
-from ._context import _job
 from ._cron import WallClock
 from ._exceptions import (
     DuplicateJobError,
@@ -39,7 +38,7 @@ from ._exceptions import (
     JobTimeoutError,
     NoTransactionError,
 )
-from ._execution import call_recover, describe_error
+from ._execution import call_recover, describe_error, run_handler
 from ._fingerprint import encode_payload
 from ._models import Job, validate_job
 from ._wakeups import wait_in_line
@@ -283,7 +282,7 @@ class MemoryBackend(BackendCore):
                                 timer.deadline = due + slack
                         running = (job, seen)
                         self._in_flight += 1
-                        exc = await _call(handler, seen)
+                        exc = await run_handler(handler, seen)
                         self._in_flight -= 1
                         running = None
                         callback = self._finish(queue, handler, job, seen, exc)
@@ -425,18 +424,6 @@ class MemoryBackend(BackendCore):
         if self._progress is None:
             self._progress = anyio.Event()
         await self._progress.wait()
-
-
-async def _call(handler: Handler, job: Job) -> Exception | None:
-    """Run a handler with the job in context; returns what it raised."""
-    token = _job.set(job)
-    try:
-        await handler.handle(job)
-    except Exception as exc:
-        return exc
-    finally:
-        _job.reset(token)
-    return None
 
 
 def _set(job: Job, **fields: Any) -> None:
