@@ -58,7 +58,7 @@ from neoq_anyio._durations import parse_go_duration
 from neoq_anyio._exceptions import ConfigurationError
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+    from collections.abc import Callable
 
 __all__ = ["CronSchedule", "derive_queue_name", "parse_cron_spec"]
 
@@ -190,32 +190,6 @@ class CronSchedule:
             return _EPOCH + timedelta(microseconds=(micros // step + 1) * step)
         assert self._cron_expr is not None  # one of the two is always set
         return _cron_next(self._cron_expr, after.astimezone(self.tz)).astimezone(UTC)
-
-    def ticks_between(self, start: datetime, end: datetime) -> Iterator[datetime]:
-        """Iterate over the ticks ``t`` with ``start < t <= end``, in order.
-
-        The arguments are checked at once, not when iteration starts.
-
-        Args:
-            start: An aware datetime (exclusive).
-            end: An aware datetime (inclusive).
-
-        Returns:
-            An iterator of aware UTC datetimes (empty when ``end <= start``).
-
-        Raises:
-            ValueError: ``start`` or ``end`` is naive.
-        """
-        _require_aware(start, "start")
-        _require_aware(end, "end")
-        return self._ticks(start, end)
-
-    def _ticks(self, start: datetime, end: datetime) -> Iterator[datetime]:
-        """Generate the ticks of :meth:`ticks_between` (arguments already checked)."""
-        tick = self.next_after(start)
-        while tick <= end:
-            yield tick
-            tick = self.next_after(tick)
 
 
 def parse_cron_spec(spec: str, *, tz: tzinfo | None = None) -> CronSchedule:
