@@ -37,9 +37,9 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from neoq_anyio import Handler, Job, open_backend
-from neoq_anyio import _sql as neoq_sql
 from neoq_anyio._pg._connection import connect as anyio_connect
-from neoq_anyio._schema import ensure_schema
+from neoq_anyio._postgres import _sql as neoq_sql
+from neoq_anyio._postgres._schema import ensure_schema
 from neoq_anyio.embedded import embedded_postgres
 
 if TYPE_CHECKING:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
-from ._base import BackendStatistics as BackendStatistics
+from ._backend import BackendStatistics as BackendStatistics
 from ._context import current_job as current_job
 from ._context import current_transaction as current_transaction
 from ._exceptions import ConfigurationError as ConfigurationError
@@ -30,11 +30,11 @@ from ._open import DEFAULT_CONNECTION_TIMEOUT as DEFAULT_CONNECTION_TIMEOUT
 from ._open import open_backend as open_backend
 from ._pg._connection import AnyioConnection as AnyioConnection
 from ._pg._pool import PoolStatistics as PoolStatistics
-from ._postgres import PostgresBackend as PostgresBackend
+from ._postgres._backend import PostgresBackend as PostgresBackend
+from ._postgres._sql import FutureJobQuery as FutureJobQuery
+from ._postgres._sql import JobQuery as JobQuery
+from ._postgres._sql import PendingJobIDQuery as PendingJobIDQuery
 from ._protocol import Backend as Backend
-from ._sql import FutureJobQuery as FutureJobQuery
-from ._sql import JobQuery as JobQuery
-from ._sql import PendingJobIDQuery as PendingJobIDQuery
 
 __all__ = (
     "DEFAULT_CONNECTION_TIMEOUT",

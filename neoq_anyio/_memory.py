@@ -29,8 +29,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
-from ._backoff import decide_failure
-from ._base import BackendCore, BackendStatistics, Options
+from ._backend import BackendCore, BackendStatistics, Options
 from ._cron import WallClock
 from ._exceptions import (
     DuplicateJobError,
@@ -41,7 +40,8 @@ from ._exceptions import (
 from ._execution import call_recover, describe_error, run_handler
 from ._fingerprint import encode_payload
 from ._models import Job, validate_job
-from ._wakeups import wait_in_line
+from ._outcome import decide_failure
+from ._sync import wait_in_line
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable

@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from ._base import Options
+from ._backend import Options
 from ._durations import to_seconds
 from ._exceptions import ConnectionStringError
 from ._memory import MemoryBackend
-from ._postgres import PostgresBackend, prepare_postgres
+from ._postgres._backend import PostgresBackend, prepare_postgres
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable

@@ -11,7 +11,7 @@ if TYPE_CHECKING:
 
     import psycopg
 
-    from ._base import BackendStatistics
+    from ._backend import BackendStatistics
     from ._models import Handler, Job
     from ._pg._connection import AnyioConnection
 

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from . import _sql
 from ._durations import to_seconds
 from ._memory import MemoryBackend
 from ._models import Job
 from ._pg._connection import connect
-from ._postgres import PostgresBackend
+from ._postgres import _sql
+from ._postgres._backend import PostgresBackend
 
 if TYPE_CHECKING:
     from datetime import timedelta

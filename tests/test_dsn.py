@@ -9,13 +9,13 @@ from typing import TYPE_CHECKING
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from neoq_anyio._dsn import (
+from neoq_anyio._exceptions import ConfigurationError, ConnectionStringError
+from neoq_anyio._pg._dsn import (
     POOL_OPTION_NAMES,
     ConnectionSettings,
     PoolOptions,
     parse_connection_string,
 )
-from neoq_anyio._exceptions import ConfigurationError, ConnectionStringError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

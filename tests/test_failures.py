@@ -10,7 +10,7 @@ import anyio.lowlevel
 import pytest
 
 from neoq_anyio import ConfigurationError, Handler, Job, JobTimeoutError, current_transaction
-from neoq_anyio._backoff import backoff_seconds, decide_failure
+from neoq_anyio._outcome import backoff_seconds, decide_failure
 
 from .conftest import Database, wait_until
 from .test_processing import Recorder, backend

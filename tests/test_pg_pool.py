@@ -17,8 +17,8 @@ import pytest
 from psycopg import pq, sql
 
 from neoq_anyio import AnyioConnection, DatabaseError, PoolTimeoutError
-from neoq_anyio._dsn import parse_connection_string
 from neoq_anyio._pg._connection import connect
+from neoq_anyio._pg._dsn import parse_connection_string
 from neoq_anyio._pg._pool import ConnectionPool, PoolStatistics
 
 from .conftest import Database, wait_until

@@ -21,7 +21,7 @@ from neoq_anyio import (
     PendingJobIDQuery,
 )
 from neoq_anyio._fingerprint import _go_float, encode_payload
-from neoq_anyio._schema import schema_sql
+from neoq_anyio._postgres._schema import schema_sql
 
 ROOT = Path(__file__).resolve().parent.parent
 

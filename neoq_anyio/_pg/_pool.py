@@ -25,35 +25,98 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import select
 from collections import deque
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import anyio
 from psycopg import errors as e
 from psycopg import pq
 
-from neoq_anyio._exceptions import DatabaseError, PoolTimeoutError
+from neoq_anyio._exceptions import ConfigurationError, DatabaseError, PoolTimeoutError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
 
     from anyio.abc import TaskStatus
 
-    from neoq_anyio._dsn import PoolOptions
-
     from ._connection import AnyioConnection
 
-__all__ = ["ConnectionPool", "PoolStatistics"]
+__all__ = ["ConnectionPool", "PoolOptions", "PoolStatistics", "default_max_conns"]
 
 logger = logging.getLogger("neoq_anyio")
 
 _IDLE = pq.TransactionStatus.IDLE
 _OK = pq.ConnStatus.OK
 _RESET_TIMEOUT = 5.0
+
+
+def default_max_conns() -> int:
+    """Return pgxpool's default pool size: the number of CPUs, at least 4."""
+    return max(4, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolOptions:
+    """Connection pool settings, named and defaulted like Go's pgxpool.
+
+    Durations are in seconds.
+
+    Raises:
+        ConfigurationError: On construction, if a value is out of range.
+    """
+
+    max_conns: int = field(default_factory=default_max_conns)
+    min_conns: int = 0
+    max_conn_lifetime: float = 3600.0
+    max_conn_idle_time: float = 1800.0
+    health_check_period: float = 60.0
+    max_conn_lifetime_jitter: float = 0.0
+
+    def __post_init__(self) -> None:
+        problem = _pool_options_problem(self)
+        if problem is not None:
+            raise ConfigurationError(problem)
+
+
+def _pool_options_problem(options: PoolOptions) -> str | None:
+    """Return what is wrong with ``options``, or ``None`` if they are valid."""
+    if _is_bad_int(options.max_conns) or options.max_conns < 1:
+        return f"max_conns must be an integer greater than 0, got {options.max_conns!r}"
+    if _is_bad_int(options.min_conns) or not 0 <= options.min_conns <= options.max_conns:
+        return (
+            f"min_conns must be an integer from 0 to max_conns ({options.max_conns}), "
+            f"got {options.min_conns!r}"
+        )
+    durations = {
+        "max_conn_lifetime": options.max_conn_lifetime,
+        "max_conn_idle_time": options.max_conn_idle_time,
+        "max_conn_lifetime_jitter": options.max_conn_lifetime_jitter,
+    }
+    for name, value in durations.items():
+        if _is_bad_float(value) or value < 0:
+            return f"{name} must be a non-negative number of seconds, got {value!r}"
+    if _is_bad_float(options.health_check_period) or options.health_check_period <= 0:
+        return (
+            "health_check_period must be a positive number of seconds, "
+            f"got {options.health_check_period!r}"
+        )
+    return None
+
+
+def _is_bad_int(value: object) -> bool:
+    # bool is an int subclass, but not a count.
+    return isinstance(value, bool) or not isinstance(value, int)
+
+
+def _is_bad_float(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return True
+    return not math.isfinite(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,7 @@ from psycopg import errors as e
 from psycopg import sql
 from psycopg.generators import notifies
 
-from ._exceptions import DatabaseError
+from neoq_anyio._exceptions import DatabaseError
 
 if TYPE_CHECKING:
     import logging
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskStatus
     from psycopg import Notify
 
-    from ._pg._connection import AnyioConnection
+    from neoq_anyio._pg._connection import AnyioConnection
 
 __all__ = ["Listener"]
 

@@ -18,8 +18,9 @@ from typing import TYPE_CHECKING, NoReturn
 import anyio
 import psycopg
 
+from neoq_anyio._exceptions import DatabaseError
+
 from . import _sql
-from ._exceptions import DatabaseError
 
 if TYPE_CHECKING:
     import logging
@@ -27,7 +28,8 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskStatus
 
-    from ._pg._pool import ConnectionPool
+    from neoq_anyio._pg._pool import ConnectionPool
+
     from ._wakeups import Wakeups
 
 __all__ = ["FutureJobs", "PendingJobs"]

@@ -18,20 +18,18 @@ import psycopg
 from psycopg import errors as e
 from psycopg import pq, sql
 
+from neoq_anyio._backend import BackendCore, BackendStatistics, Options
+from neoq_anyio._cron import CLAIM_TICK, tick_job_fields
+from neoq_anyio._exceptions import DatabaseError, DuplicateJobError
+from neoq_anyio._fingerprint import encode_payload
+from neoq_anyio._models import Handler, Job, RecoverCallback, validate_job
+from neoq_anyio._pg._connection import AnyioConnection, connect
+from neoq_anyio._pg._dsn import ConnectionSettings, parse_connection_string
+from neoq_anyio._pg._errors import map_errors
+from neoq_anyio._pg._pool import ConnectionPool
+
 from . import _sql
-from ._base import BackendCore, BackendStatistics, Options
-from ._cron import CLAIM_TICK, tick_job_fields
-from ._dsn import ConnectionSettings, parse_connection_string
-from ._exceptions import (
-    DatabaseError,
-    DuplicateJobError,
-)
-from ._fingerprint import encode_payload
 from ._listener import Listener
-from ._models import Handler, Job, RecoverCallback, validate_job
-from ._pg._connection import AnyioConnection, connect
-from ._pg._errors import map_errors
-from ._pg._pool import ConnectionPool
 from ._scheduler import FutureJobs, PendingJobs
 from ._schema import ensure_schema
 from ._wakeups import Wakeups

@@ -16,26 +16,16 @@ fetches to about one per process instead of one per job.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from enum import Enum
+from typing import TYPE_CHECKING
 
-import anyio
+from neoq_anyio._sync import wait_in_line
 
-__all__ = ["Wake", "Wakeups", "wait_in_line"]
+if TYPE_CHECKING:
+    import anyio
 
-
-async def wait_in_line(line: deque[anyio.Event], timeout: float = math.inf) -> None:
-    """Queue an event on ``line`` and wait until someone sets it (or ``timeout``
-    seconds pass); a waiter that leaves unwoken takes its event out of line."""
-    event = anyio.Event()
-    line.append(event)
-    try:
-        with anyio.move_on_after(timeout):
-            await event.wait()
-    finally:
-        if not event.is_set():
-            line.remove(event)
+__all__ = ["Wake", "Wakeups"]
 
 
 class Wake(Enum):

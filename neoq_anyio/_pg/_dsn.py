@@ -14,8 +14,6 @@ carries the original text either.
 
 from __future__ import annotations
 
-import math
-import os
 import re
 from dataclasses import dataclass, field
 from functools import cache
@@ -27,7 +25,9 @@ from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from neoq_anyio._durations import DurationSyntaxError, parse_go_duration
-from neoq_anyio._exceptions import ConfigurationError, ConnectionStringError
+from neoq_anyio._exceptions import ConnectionStringError
+
+from ._pool import PoolOptions, default_max_conns
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -35,8 +35,6 @@ if TYPE_CHECKING:
 __all__ = [
     "POOL_OPTION_NAMES",
     "ConnectionSettings",
-    "PoolOptions",
-    "default_max_conns",
     "parse_connection_string",
 ]
 
@@ -71,70 +69,6 @@ _SAFE_LIBPQ_MESSAGES = (
     re.compile(r'invalid URI query parameter: "(?P<name>[^"]*)"'),
     re.compile(r'extra key/value separator "=" in URI query parameter: "(?P<name>[^"]*)"'),
 )
-
-
-def default_max_conns() -> int:
-    """Return pgxpool's default pool size: the number of CPUs, at least 4."""
-    return max(4, os.cpu_count() or 1)
-
-
-@dataclass(frozen=True, slots=True)
-class PoolOptions:
-    """Connection pool settings, named and defaulted like Go's pgxpool.
-
-    Durations are in seconds.
-
-    Raises:
-        ConfigurationError: On construction, if a value is out of range.
-    """
-
-    max_conns: int = field(default_factory=default_max_conns)
-    min_conns: int = 0
-    max_conn_lifetime: float = 3600.0
-    max_conn_idle_time: float = 1800.0
-    health_check_period: float = 60.0
-    max_conn_lifetime_jitter: float = 0.0
-
-    def __post_init__(self) -> None:
-        problem = _pool_options_problem(self)
-        if problem is not None:
-            raise ConfigurationError(problem)
-
-
-def _pool_options_problem(options: PoolOptions) -> str | None:
-    """Return what is wrong with ``options``, or ``None`` if they are valid."""
-    if _is_bad_int(options.max_conns) or options.max_conns < 1:
-        return f"max_conns must be an integer greater than 0, got {options.max_conns!r}"
-    if _is_bad_int(options.min_conns) or not 0 <= options.min_conns <= options.max_conns:
-        return (
-            f"min_conns must be an integer from 0 to max_conns ({options.max_conns}), "
-            f"got {options.min_conns!r}"
-        )
-    durations = {
-        "max_conn_lifetime": options.max_conn_lifetime,
-        "max_conn_idle_time": options.max_conn_idle_time,
-        "max_conn_lifetime_jitter": options.max_conn_lifetime_jitter,
-    }
-    for name, value in durations.items():
-        if _is_bad_float(value) or value < 0:
-            return f"{name} must be a non-negative number of seconds, got {value!r}"
-    if _is_bad_float(options.health_check_period) or options.health_check_period <= 0:
-        return (
-            "health_check_period must be a positive number of seconds, "
-            f"got {options.health_check_period!r}"
-        )
-    return None
-
-
-def _is_bad_int(value: object) -> bool:
-    # bool is an int subclass, but not a count.
-    return isinstance(value, bool) or not isinstance(value, int)
-
-
-def _is_bad_float(value: object) -> bool:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return True
-    return not math.isfinite(value)
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,20 +23,21 @@ import anyio
 import psycopg
 from psycopg import pq
 
+from neoq_anyio._exceptions import DatabaseError, JobDeadlineError
+from neoq_anyio._execution import call_handler, call_recover, describe_error
+from neoq_anyio._models import Job
+from neoq_anyio._outcome import decide_failure
+
 from . import _sql
-from ._backoff import decide_failure
-from ._exceptions import DatabaseError, JobDeadlineError
-from ._execution import call_handler, call_recover, describe_error
-from ._models import Job
 from ._wakeups import Wake, Wakeups
 
 if TYPE_CHECKING:
     import logging
     from collections.abc import Callable
 
-    from ._models import Handler, RecoverCallback
-    from ._pg._connection import AnyioConnection
-    from ._pg._pool import ConnectionPool
+    from neoq_anyio._models import Handler, RecoverCallback
+    from neoq_anyio._pg._connection import AnyioConnection
+    from neoq_anyio._pg._pool import ConnectionPool
 
 __all__ = ["QueueWorkers"]
 

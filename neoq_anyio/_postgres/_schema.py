@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Final
 from psycopg import sql
 
 if TYPE_CHECKING:
-    from ._pg._connection import AnyioConnection
+    from neoq_anyio._pg._connection import AnyioConnection
 
 __all__ = ["SCHEMA_VERSION", "ensure_schema", "schema_sql"]
 
@@ -34,7 +34,7 @@ def schema_sql() -> str:
     packaged = importlib.resources.files("neoq_anyio").joinpath("schema.sql")
     if packaged.is_file():
         return packaged.read_text(encoding="utf-8")
-    return (Path(__file__).resolve().parent.parent / "schema.sql").read_text(encoding="utf-8")
+    return (Path(__file__).resolve().parents[2] / "schema.sql").read_text(encoding="utf-8")
 
 
 async def _migrated(conn: AnyioConnection) -> bool:

@@ -1,0 +1,1 @@
+"""The PostgreSQL backend: workers, listener, schedulers, schema, and the SQL they run."""
