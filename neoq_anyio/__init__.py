@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 
+from ._backend import Backend as Backend
 from ._backend import BackendStatistics as BackendStatistics
 from ._context import current_job as current_job
 from ._context import current_transaction as current_transaction
@@ -34,7 +35,6 @@ from ._postgres._backend import PostgresBackend as PostgresBackend
 from ._postgres._sql import FutureJobQuery as FutureJobQuery
 from ._postgres._sql import JobQuery as JobQuery
 from ._postgres._sql import PendingJobIDQuery as PendingJobIDQuery
-from ._protocol import Backend as Backend
 
 __all__ = (
     "DEFAULT_CONNECTION_TIMEOUT",

@@ -1,8 +1,13 @@
-"""What every backend shares: handler checks, cron, logging, and shutdown.
+"""The backend contract, and what every backend shares: handler checks, cron,
+logging and shutdown.
 
-A backend lives inside the task group ``open_backend`` opens. Its
-background services and workers each run under a cancel scope of their own,
-so ``shutdown()`` can stop them while the caller's block goes on:
+``Backend`` is the abstract base both backends derive from; its docstrings
+are the public documentation of every method. A backend is built from the
+validated ``Options``, prepared (``_prepare``, before any task runs, so setup
+failures raise from ``open_backend``), then started in the task group
+``open_backend`` opens. Its background services and workers each run under a
+cancel scope of their own, so ``shutdown()`` can stop them while the caller's
+block goes on:
 
 1. stop taking jobs (``_stop_intake``);
 2. let jobs in flight finish for up to ``shutdown_timeout``
@@ -10,11 +15,15 @@ so ``shutdown()`` can stop them while the caller's block goes on:
    still gets its grace period;
 3. cancel the workers and give them a moment to roll back, then cancel the
    services and release resources (``_close``).
+
+The private methods under "for neoq_anyio.testing" are the small interface
+the testing helpers use, so they never reach into a backend's state.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -23,18 +32,22 @@ import anyio
 from ._cron import CronTicker, WallClock
 from ._cron_schedule import parse_cron_spec
 from ._exceptions import ConfigurationError, NeoqError
+from ._log import BackendLog
 
 if TYPE_CHECKING:
     import logging
     from collections.abc import Awaitable, Callable
+    from contextlib import AbstractAsyncContextManager
     from datetime import datetime, tzinfo
 
+    import psycopg
     from anyio.abc import TaskGroup, TaskStatus
 
-    from ._models import Handler, RecoverCallback
+    from ._models import Handler, Job, RecoverCallback
+    from ._pg._connection import AnyioConnection
     from ._pg._pool import PoolStatistics
 
-__all__ = ["BackendCore", "BackendStatistics", "Options"]
+__all__ = ["Backend", "BackendStatistics", "Options"]
 
 _CANCEL_GRACE = 5.0  # seconds cancelled workers get to roll back before the pool closes
 
@@ -74,23 +87,19 @@ class Options:
     logger: logging.Logger
 
 
-class BackendCore:
-    """Shared machinery of the PostgreSQL and in-memory backends."""
+class Backend(ABC):
+    """What ``open_backend`` yields: the PostgreSQL or the in-memory backend.
 
-    def __init__(
-        self,
-        task_group: TaskGroup,
-        *,
-        transaction_timeout: float,
-        shutdown_timeout: float,
-        recovery_callback: RecoverCallback | None,
-        logger: logging.Logger,
-    ) -> None:
-        self._tg = task_group
-        self._logger = logger
-        self._transaction_timeout = transaction_timeout
-        self._shutdown_timeout = shutdown_timeout
-        self._recovery_callback = recovery_callback
+    Write handlers and application code against this, and switch backends by
+    changing the connection string alone. Every method must be called while
+    the ``open_backend`` block is open. Get one from ``open_backend``; do
+    not build or subclass one yourself.
+    """
+
+    def __init__(self, options: Options, *, redact: Callable[[str], str] | None = None) -> None:
+        self._options = options
+        self._log = BackendLog(options.logger, redact) if redact else BackendLog(options.logger)
+        self._tg: TaskGroup | None = None
         self._handlers: dict[str, Handler] = {}
         self._worker_scopes: list[anyio.CancelScope] = []
         self._service_scopes: list[anyio.CancelScope] = []
@@ -98,22 +107,101 @@ class BackendCore:
         self._closed = anyio.Event()
         self._cron_clock: WallClock = WallClock()
 
-    # -- public API shared by both backends --------------------------------------
+    # -- the public API ----------------------------------------------------------------
+
+    @abstractmethod
+    async def enqueue(
+        self, job: Job, *, connection: psycopg.AsyncConnection[Any] | None = None
+    ) -> str:
+        """Add a job to its queue and return its id.
+
+        Args:
+            job: the job; its queue must not be empty.
+            connection: enqueue inside this connection's open transaction,
+                so the job exists only if that transaction commits: one from
+                ``connection()`` (any loop) or, on asyncio, any psycopg
+                ``AsyncConnection``. PostgreSQL only.
+
+        Returns:
+            The job's id, a string.
+
+        On the in-memory backend, ``enqueue`` waits while the queue's handler
+        has a ``max_queue_capacity`` and the queue holds that many
+        unprocessed jobs (as Go neoq's memory backend does).
+
+        Raises:
+            NoQueueError: the job has no queue.
+            InvalidJobError: the payload is not a JSON object, a timestamp is
+                naive, or ``max_retries`` is negative.
+            DuplicateJobError: an unprocessed job with the same queue,
+                fingerprint and status exists; nothing was inserted.
+            PoolTimeoutError: no pooled connection was free within
+                ``connection_timeout`` (PostgreSQL).
+            DatabaseError: PostgreSQL failed.
+            NoTransactionError: ``connection`` was given to the in-memory
+                backend.
+            NeoqError: the backend is shut down.
+        """
+
+    @abstractmethod
+    async def start(self, handler: Handler) -> None:
+        """Start ``handler.concurrency`` workers for ``handler.queue``.
+
+        Returns once the queue is listened to, so a job enqueued right after
+        is never missed. Jobs already due on the queue are picked up.
+
+        Raises:
+            ConfigurationError: the queue is empty or already has a handler,
+                or the handler's ``job_timeout`` exceeds the backend's
+                ``transaction_timeout`` (the message says which to change).
+            NeoqError: the backend is shut down.
+        """
+
+    @abstractmethod
+    def connection(self) -> AbstractAsyncContextManager[AnyioConnection]:
+        """Lend a pooled connection for your own transactions, on any loop.
+
+        Use it as ``async with nq.connection() as conn:``. Statements open a
+        transaction; when the block ends, an open transaction is committed,
+        or rolled back if the block raised. Pass ``conn`` to ``enqueue`` to
+        enqueue atomically with your own writes.
+
+        Raises:
+            PoolTimeoutError: no pooled connection was free within
+                ``connection_timeout``.
+            DatabaseError: a connection could not be opened, or the commit
+                failed.
+            NoTransactionError: on the in-memory backend, which has no
+                database.
+            NeoqError: the backend is shut down.
+        """
+
+    @abstractmethod
+    def statistics(self) -> BackendStatistics:
+        """A snapshot of the queues with a handler, the jobs running now and the pool's use."""
 
     async def start_cron(
         self, spec: str, handler: Handler, *, timezone: tzinfo | None = None
     ) -> Handler:
-        """Run ``handler`` once per tick of the cron ``spec``; returns the handler
-        as started (with its queue name when it was derived from the spec).
+        """Enqueue a job on the handler's queue at every tick of ``spec``, and start the handler.
 
-        ``spec`` uses Go neoq's (robfig/cron) format: five fields (minute
-        first), six with a leading seconds field, ``@yearly`` ... ``@hourly``,
-        or ``@every <duration>``; it is evaluated in UTC unless ``timezone``
-        is given. With ``Handler("", fn)`` the queue is named from the
-        schedule's English description as Go neoq names it (``"* * * * * *"``
-        gives ``every_second``). However many processes run the same cron,
-        each tick's job is enqueued once; ticks missed while every process was
-        down are not replayed. Each job's payload is ``{"tick": "<ISO time>"}``.
+        Args:
+            spec: a robfig/cron spec: five fields (minute first), six with a
+                leading seconds field, ``@yearly`` ... ``@hourly``, or
+                ``@every <Go duration>`` (whole seconds, at least one).
+            handler: runs the ticks' jobs. With an empty queue name
+                (``Handler("", fn)``) the queue is named from the schedule's
+                English description, as Go neoq names it (``"* * * * * *"``
+                gives ``every_second``).
+            timezone: the zone the cron fields are read in (default UTC);
+                ``@every`` ignores it.
+
+        Returns:
+            The handler as started, with its queue name.
+
+        Each tick's job has the payload ``{"tick": "<ISO 8601 time, UTC>"}``
+        and is enqueued once however many processes run the same cron; ticks
+        missed while every process was down are not replayed.
 
         Raises:
             ConfigurationError: the spec is malformed (nothing is scheduled),
@@ -126,25 +214,23 @@ class BackendCore:
             handler = dataclasses.replace(handler, queue=schedule.queue_name)
         await self.start(handler)
         ticker = CronTicker(
-            schedule,
-            handler.queue,
-            self._enqueue_tick,
-            logger=self._get_logger,
-            clock=self._cron_clock,
+            schedule, handler.queue, self._enqueue_tick, log=self._log, clock=self._cron_clock
         )
-        await self._tg.start(self._run_service, ticker.run)
+        await self._task_group.start(self._run_service, ticker.run)
         return handler
 
     def set_logger(self, logger: logging.Logger) -> None:
         """Send the backend's log records to ``logger`` from now on."""
-        self._logger = logger
+        self._log.logger = logger
 
     async def shutdown(self) -> None:
-        """Stop taking jobs, let jobs in flight finish for up to ``shutdown_timeout``,
-        then cancel them (they stay queued) and every background task.
+        """Shut down while the ``open_backend`` block goes on, as leaving it would.
 
-        Leaving the ``open_backend`` block does this too. Calling it again
-        waits for the first call to finish.
+        Stops taking jobs, lets jobs in flight finish for up to
+        ``shutdown_timeout`` seconds, then cancels them (their transactions
+        roll back, so they stay queued) and every background task. Calling
+        it again waits for the first call to finish. Afterwards ``enqueue``,
+        ``start``, ``start_cron`` and ``connection`` raise ``NeoqError``.
         """
         if self._closing:
             await self._closed.wait()
@@ -152,41 +238,70 @@ class BackendCore:
         self._closing = True
         try:
             self._stop_intake()
-            with anyio.move_on_after(self._shutdown_timeout, shield=True):
+            with anyio.move_on_after(self._options.shutdown_timeout, shield=True):
                 await self._wait_workers()
             for scope in self._worker_scopes:
-                scope.cancel()
+                scope.cancel(reason="shutdown_timeout passed")
             # Cancelled workers roll their jobs back as they leave; wait for
             # that before closing the pool under them.
             with anyio.move_on_after(_CANCEL_GRACE, shield=True):
                 await self._wait_workers()
             for scope in self._service_scopes:
-                scope.cancel()
+                scope.cancel(reason="backend shut down")
             self._close()
         finally:
             self._closed.set()
 
-    # -- hooks for the backends ------------------------------------------------------
+    # -- what each backend provides ------------------------------------------------------
 
-    async def start(self, handler: Handler) -> None:
-        raise NotImplementedError
+    async def _prepare(self) -> None:  # noqa: B027 - optional hook
+        """Set up what the backend needs before any task runs (a database)."""
 
+    @abstractmethod
+    async def _start_services(self) -> None:
+        """Start the background services in the task group (``_run_service``)."""
+
+    @abstractmethod
     async def _enqueue_tick(self, queue: str, tick: datetime) -> bool:
-        raise NotImplementedError
+        """Claim a cron tick and enqueue its job; whether this claim won."""
 
+    @abstractmethod
     def _stop_intake(self) -> None:
-        raise NotImplementedError
+        """Shutdown's first step: workers take no more jobs."""
 
+    @abstractmethod
     async def _wait_workers(self) -> None:
-        raise NotImplementedError
+        """Return once every worker has returned."""
 
-    def _close(self) -> None:
+    def _close(self) -> None:  # noqa: B027 - optional hook
         """Release resources once every task is cancelled."""
 
-    # -- shared helpers ------------------------------------------------------------------
+    # -- for neoq_anyio.testing ----------------------------------------------------------
 
-    def _get_logger(self) -> logging.Logger:
-        return self._logger
+    @abstractmethod
+    async def _wait_drained(self) -> None:
+        """Return once no job is due on a queue with a handler, and none runs."""
+
+    @abstractmethod
+    async def _stored_jobs(self, queue: str | None, *, dead: bool) -> list[Job]:
+        """Every stored job (or dead job), oldest first; works after shutdown."""
+
+    @abstractmethod
+    async def _fast_forward(self, seconds: float) -> None:
+        """Make ``seconds`` pass for future jobs and retries."""
+
+    # -- shared machinery ----------------------------------------------------------------
+
+    async def _start(self, task_group: TaskGroup) -> None:
+        """Start the background services in ``task_group`` (``open_backend``'s)."""
+        self._tg = task_group
+        await self._start_services()
+
+    @property
+    def _task_group(self) -> TaskGroup:
+        if self._tg is None:
+            raise NeoqError("the backend is not open: use it inside `async with open_backend()`")
+        return self._tg
 
     def _check_open(self) -> None:
         if self._closing:
@@ -206,7 +321,7 @@ class BackendCore:
             raise ConfigurationError("the handler has no queue: give Handler a queue name")
         if queue in self._handlers:
             raise ConfigurationError(f"queue {queue!r} already has a handler")
-        limit = self._transaction_timeout
+        limit = self._options.transaction_timeout
         timeout = handler.timeout_seconds
         if limit > 0 and (timeout is None or timeout > limit):
             shown = "no job_timeout" if timeout is None else f"job_timeout={timeout:g} s"
@@ -218,9 +333,13 @@ class BackendCore:
             )
         self._handlers[queue] = handler
 
+    def _recover_callback(self, handler: Handler) -> RecoverCallback | None:
+        """The handler's own recover callback, else the backend-wide one."""
+        return handler.recover_callback or self._options.recovery_callback
+
     def _spawn_workers(self, work: Callable[[], Awaitable[None]], count: int) -> None:
         for _ in range(count):
-            self._tg.start_soon(self._run_worker, work)
+            self._task_group.start_soon(self._run_worker, work)
 
     async def _run_worker(self, work: Callable[[], Awaitable[None]]) -> None:
         # Shielded: a cancellation of the caller's block must not reach jobs

@@ -32,35 +32,22 @@ from typing import TYPE_CHECKING, Final, NoReturn
 import anyio
 
 if TYPE_CHECKING:
-    import logging
     from collections.abc import Awaitable, Callable
 
     from anyio.abc import TaskStatus
 
     from ._cron_schedule import CronSchedule
+    from ._log import BackendLog
 
-__all__ = ["CLAIM_TICK", "CronTicker", "WallClock", "tick_job_fields"]
+__all__ = ["CronTicker", "WallClock", "tick_job_fields"]
 
 _CATCH_UP: Final = 5.0
-
-CLAIM_TICK: Final = (
-    "WITH claim AS ("
-    " INSERT INTO neoq_anyio_cron_ticks (queue, tick) VALUES (%(queue)s, %(tick)s)"
-    " ON CONFLICT DO NOTHING RETURNING queue"
-    "), pruned AS ("
-    " DELETE FROM neoq_anyio_cron_ticks"
-    " WHERE queue = %(queue)s AND tick < %(tick)s::timestamptz - interval '1 day'"
-    ") "
-    "INSERT INTO neoq_jobs (queue, fingerprint, payload) "
-    "SELECT queue, %(fingerprint)s, %(payload)s::jsonb FROM claim "
-    "ON CONFLICT DO NOTHING RETURNING id"
-)
-"""Claim a tick and enqueue its job in one statement; no row back: already claimed."""
 
 
 def tick_job_fields(queue: str, tick: datetime) -> tuple[str, str]:
     """``(fingerprint, payload JSON)`` of the job for one tick: the payload says
-    which tick it is (``{"tick": "2026-01-01T00:00:00+00:00"}``)."""
+    which tick it is (``{"tick": "2026-01-01T00:00:00+00:00"}``). Ticks are
+    claimed with ``neoq_anyio._postgres._sql.CLAIM_TICK``."""
     stamp = tick.astimezone(UTC).isoformat()
     fingerprint = hashlib.md5(f"{queue}@{stamp}".encode(), usedforsecurity=False).hexdigest()
     return fingerprint, json.dumps({"tick": stamp})
@@ -85,7 +72,7 @@ class CronTicker:
         queue: the handler's queue.
         enqueue_tick: claims a tick and enqueues its job; returns whether
             this process's claim won.
-        logger: returns the backend's current logger.
+        log: the backend's log.
         clock: where time comes from (injectable, for fake-clock tests).
     """
 
@@ -95,13 +82,13 @@ class CronTicker:
         queue: str,
         enqueue_tick: Callable[[str, datetime], Awaitable[bool]],
         *,
-        logger: Callable[[], logging.Logger],
+        log: BackendLog,
         clock: WallClock | None = None,
     ) -> None:
         self.schedule = schedule
         self.queue = queue
         self._enqueue_tick = enqueue_tick
-        self._logger = logger
+        self._log = log
         self._clock = clock or WallClock()
         self.claimed = 0
 
@@ -119,7 +106,7 @@ class CronTicker:
                 if await self._enqueue_tick(self.queue, tick):
                     self.claimed += 1
             except Exception as exc:
-                self._logger().error(
+                self._log.error(
                     "cron %r: could not enqueue the tick at %s: %s",
                     self.schedule.spec,
                     tick.isoformat(),

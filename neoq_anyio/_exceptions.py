@@ -77,4 +77,12 @@ class DatabaseError(NeoqError):
     The message never contains the password. The psycopg error is the
     ``__cause__``, except for failures to connect, whose libpq messages may
     echo connection details: those are summarised in the message instead.
+
+    Attributes:
+        sqlstate: PostgreSQL's five-character error code (``"42P04"``), or
+            ``None`` when the failure did not come from the server.
     """
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate = sqlstate

@@ -1,8 +1,22 @@
-"""Calling a handler and its recover callback: the part both backends share."""
+"""Running a handler: its context, its timeout, and reporting what came of it.
+
+Every execution path (the PostgreSQL transaction worker, the in-memory
+worker) calls handlers and applies job timeouts through this module, and
+reports outcomes (``neoq_anyio._outcome``) through ``report``, so the rules
+and the log lines are the same everywhere.
+
+Two ways to time a handler, one rule: past ``job_timeout`` the handler is
+cancelled and the run fails with ``timeout_error``. ``call_handler`` opens a
+cancel scope per job; ``WorkerTimer`` keeps one scope per worker and moves
+its deadline lazily, for the in-memory backend, where a scope with a
+deadline costs more than a no-op job.
+"""
 
 from __future__ import annotations
 
 import inspect
+import logging
+import math
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -11,19 +25,18 @@ from ._context import _job, _transaction
 from ._exceptions import JobTimeoutError
 
 if TYPE_CHECKING:
-    import logging
-
     import psycopg
 
+    from ._log import BackendLog
     from ._models import Handler, Job, RecoverCallback
+    from ._outcome import Outcome
 
-__all__ = ["call_handler", "call_recover", "describe_error", "run_handler"]
+__all__ = ["WorkerTimer", "call_handler", "report", "run_handler", "timeout_error"]
 
 
-def describe_error(exc: BaseException) -> str:
-    """The text stored in a failed job's ``error`` column."""
-    message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+def timeout_error(timeout: float | None) -> JobTimeoutError:
+    """What a run cut short by its ``job_timeout`` failed with."""
+    return JobTimeoutError(f"the job ran past its job_timeout of {timeout:g} s")
 
 
 async def run_handler(
@@ -49,24 +62,85 @@ async def call_handler(
     timeout: float | None,
     transaction: psycopg.AsyncConnection[Any] | None = None,
 ) -> Exception | None:
-    """``run_handler`` under the handler's timeout: past it the handler is
-    cancelled and ``JobTimeoutError`` is returned."""
+    """``run_handler`` under the handler's timeout (a cancel scope of its own)."""
     with anyio.CancelScope() as scope:
         if timeout is not None:
             scope.deadline = anyio.current_time() + timeout
         exc = await run_handler(handler, job, transaction)
     if scope.cancelled_caught:
-        return JobTimeoutError(f"the job ran past its job_timeout of {timeout:g} s")
+        return timeout_error(timeout)
     return exc
 
 
-async def call_recover(
-    callback: RecoverCallback, job: Job, exc: BaseException, logger: logging.Logger
+class WorkerTimer:
+    """One worker's job timeout on a single cancel scope for many jobs.
+
+    The worker enters ``scope()`` around its loop and calls ``start()`` as
+    each job begins. The deadline moves only when it would fire before the
+    job's timeout, to that timeout plus a little slack, so a job is cancelled
+    between ``job_timeout`` and ``job_timeout`` + 1 % (at most 50 ms) after it
+    started. When the scope fires, the running job fails with ``error()``
+    and the worker enters a new scope.
+    """
+
+    __slots__ = ("_scope", "_slack", "timeout")
+
+    def __init__(self, timeout: float | None) -> None:
+        self.timeout = timeout
+        self._slack = 0.0 if timeout is None else min(timeout / 100, 0.05)
+        self._scope = anyio.CancelScope()
+
+    def scope(self) -> anyio.CancelScope:
+        """A fresh scope, disarmed; enter it around the worker's loop."""
+        self._scope = anyio.CancelScope()
+        return self._scope
+
+    def start(self) -> None:
+        """A job starts now: make sure the scope fires at its timeout."""
+        if self.timeout is None:
+            return
+        due = anyio.current_time() + self.timeout
+        if not due <= self._scope.deadline <= due + self._slack:
+            self._scope.deadline = due + self._slack
+
+    def pause(self) -> None:
+        """No job runs (the worker idles, or calls a recover callback)."""
+        self._scope.deadline = math.inf
+
+    def error(self) -> JobTimeoutError:
+        return timeout_error(self.timeout)
+
+
+async def report(
+    outcome: Outcome, job: Job, callback: RecoverCallback | None, log: BackendLog
 ) -> None:
-    """Call a recover callback, sync or async; its own errors are logged, never raised."""
+    """Log a recorded outcome, then call the recover callback for a handler's error.
+
+    Successes are not logged above DEBUG. A recover callback's own errors
+    are logged, never raised.
+    """
+    if outcome.kind == "processed":
+        if log.logger.isEnabledFor(logging.DEBUG):
+            extra = {"job_id": job.id, "queue": job.queue}
+            log.debug("job %s on queue %s processed", job.id, job.queue, extra=extra)
+        return
+    extra = {"job_id": job.id, "queue": job.queue}
+    if not outcome.ran:
+        log.warning("job %s on queue %s not run: %s", job.id, job.queue, outcome.exc, extra=extra)
+        return
+    log.error(
+        "job %s on queue %s failed (%s): %s",
+        job.id,
+        job.queue,
+        "moved to dead jobs" if outcome.kind == "dead" else f"retry in {outcome.delay:g} s",
+        outcome.error,
+        extra=extra,
+    )
+    if callback is None or outcome.exc is None:
+        return
     try:
-        result = callback(job, exc)
+        result = callback(job, outcome.exc)
         if inspect.isawaitable(result):
             await result
     except Exception:
-        logger.exception("recover callback failed for job %s", job.id)
+        log.exception("recover callback failed for job %s", job.id, extra=extra)

@@ -29,27 +29,23 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import anyio.lowlevel
 
-from ._backend import BackendCore, BackendStatistics, Options
+from ._backend import Backend, BackendStatistics
 from ._cron import WallClock
-from ._exceptions import (
-    DuplicateJobError,
-    JobDeadlineError,
-    JobTimeoutError,
-    NoTransactionError,
-)
-from ._execution import call_recover, describe_error, run_handler
+from ._exceptions import DuplicateJobError, NoTransactionError
+from ._execution import WorkerTimer, report, run_handler
 from ._fingerprint import encode_payload
 from ._models import Job, validate_job
-from ._outcome import decide_failure
+from ._outcome import as_run, decide, refuse_to_run
 from ._sync import wait_in_line
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
     import psycopg
-    from anyio.abc import TaskGroup
 
+    from ._backend import Options
     from ._models import Handler, RecoverCallback
+    from ._outcome import Outcome
     from ._pg._connection import AnyioConnection
 
 __all__ = ["MemoryBackend", "MemoryClock"]
@@ -98,19 +94,24 @@ class MemoryClock(WallClock):
 
 
 class _Queue:
-    """One queue's due-time heap, idle workers and capacity accounting."""
+    """One queue's due-time heap, idle workers and capacity accounting.
+
+    Heap entries are ``(due, number, id)``: the job's number breaks ties, so
+    jobs due together run in the order they were enqueued.
+    """
 
     __slots__ = ("capacity", "heap", "idle", "space", "unprocessed")
 
     def __init__(self) -> None:
-        self.heap: list[tuple[float, int]] = []
+        self.heap: list[tuple[float, int, str]] = []
         self.idle: deque[anyio.Event] = deque()
         self.unprocessed = 0
         self.capacity: int | None = None
         self.space: deque[anyio.Event] = deque()
 
-    def push(self, due: float, job_id: int) -> None:
-        heapq.heappush(self.heap, (due, job_id))
+    def push(self, due: float, job: Job) -> None:
+        assert job.id is not None  # a stored job
+        heapq.heappush(self.heap, (due, int(job.id), job.id))
         if self.idle:
             self.idle.popleft().set()
 
@@ -124,24 +125,24 @@ class _Queue:
             self.space.popleft().set()
 
 
-class MemoryBackend(BackendCore):
-    """A neoq backend that keeps jobs in memory. Get one from
-    ``open_backend()`` (no connection string) or ``open_backend("memory://")``."""
+class MemoryBackend(Backend):
+    """The backend that keeps jobs in memory. Get one from ``open_backend()``
+    (no connection string) or ``open_backend("memory://")``; its methods are
+    ``Backend``'s.
 
-    def __init__(self, task_group: TaskGroup, options: Options) -> None:
-        super().__init__(
-            task_group,
-            transaction_timeout=options.transaction_timeout,
-            shutdown_timeout=options.shutdown_timeout,
-            recovery_callback=options.recovery_callback,
-            logger=options.logger,
-        )
+    Attributes:
+        clock: the backend's time (``MemoryClock``), which
+            ``neoq_anyio.testing.fast_forward`` moves ahead.
+    """
+
+    def __init__(self, options: Options) -> None:
+        super().__init__(options)
         self.clock = MemoryClock()
         self.clock.on_advance = self._wake_all_queues
         self._cron_clock = self.clock
-        self._jobs: dict[int, Job] = {}
-        self._dead: dict[int, Job] = {}
-        self._unique: dict[tuple[str, str, str], int] = {}
+        self._jobs: dict[str, Job] = {}
+        self._dead: dict[str, Job] = {}
+        self._unique: dict[tuple[str, str, str], str] = {}
         self._queues: dict[str, _Queue] = {}
         self._last_tick: dict[str, datetime] = {}  # per cron queue
         self._next_id = 0
@@ -150,31 +151,13 @@ class MemoryBackend(BackendCore):
         self._workers_done = anyio.Event()
         self._workers_done.set()
         self._stopping = False
-        self._progress: anyio.Event | None = None  # made on demand by _wait_progress
+        self._progress: anyio.Event | None = None  # made on demand by _wait_drained
 
-    async def _start_services(self) -> None:
-        await anyio.lowlevel.checkpoint()
-
-    # -- public API ------------------------------------------------------------------
+    # -- the public API ----------------------------------------------------------------
 
     async def enqueue(
         self, job: Job, *, connection: psycopg.AsyncConnection[Any] | None = None
     ) -> str:
-        """Add a job to its queue and return its id.
-
-        Waits while the queue's handler has a ``max_queue_capacity`` and the
-        queue holds that many unprocessed jobs.
-
-        Raises:
-            NoQueueError: the job has no queue.
-            InvalidJobError: the payload is not a JSON object, a timestamp is
-                naive, or ``max_retries`` is negative.
-            DuplicateJobError: an unprocessed new job with the same queue and
-                fingerprint exists.
-            NoTransactionError: ``connection`` was given; the in-memory backend
-                has no database.
-            NeoqError: the backend is shut down.
-        """
         self._check_open()
         if connection is not None:
             raise NoTransactionError("the in-memory backend has no database connections")
@@ -193,47 +176,38 @@ class MemoryBackend(BackendCore):
                 break
             await wait_in_line(queue.space)
         self._next_id += 1
-        job_id = self._next_id
         now = self.clock.now()
-        stored = Job(
-            job.queue,
+        stored = job._evolve(
+            id=str(self._next_id),
             # A JSON round trip, as PostgreSQL does: the handler gets a copy
             # with JSON's types (lists for tuples), never the caller's dict.
-            None if text is None else json.loads(text),
+            payload=None if text is None else json.loads(text),
             fingerprint=fingerprint,
             run_after=job.run_after or now,
-            deadline=job.deadline,
             max_retries=23 if job.max_retries is None else job.max_retries,
+            created_at=now,
         )
-        _set(stored, id=str(job_id), created_at=now)
-        self._jobs[job_id] = stored
-        self._unique[key] = job_id
+        assert stored.id is not None and stored.run_after is not None
+        self._jobs[stored.id] = stored
+        self._unique[key] = stored.id
         queue.unprocessed += 1
-        queue.push(self.clock.to_monotonic(stored.run_after or now), job_id)
-        return str(job_id)
+        queue.push(self.clock.to_monotonic(stored.run_after), stored)
+        return stored.id
 
     async def start(self, handler: Handler) -> None:
-        """Start processing ``handler.queue`` (see ``PostgresBackend.start``).
-
-        Raises:
-            ConfigurationError: the queue is empty or already has a handler,
-                or ``job_timeout`` exceeds ``transaction_timeout``.
-            NeoqError: the backend is shut down.
-        """
         self._register(handler)
         queue = self._queue(handler.queue)
         queue.capacity = handler.max_queue_capacity
-        self._spawn_workers(lambda: self._work(queue, handler), handler.concurrency)
+        recover = self._recover_callback(handler)
+        self._spawn_workers(lambda: self._work(queue, handler, recover), handler.concurrency)
         await anyio.lowlevel.checkpoint()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AnyioConnection]:
-        """Always raises ``NoTransactionError``: there is no database."""
         raise NoTransactionError("the in-memory backend has no database connections")
         yield  # pragma: no cover
 
     def statistics(self) -> BackendStatistics:
-        """Queues, jobs running now; no pool."""
         return BackendStatistics(
             queues=tuple(self._handlers),
             jobs_in_flight=self._in_flight,
@@ -241,54 +215,49 @@ class MemoryBackend(BackendCore):
             listener_reconnects=0,
         )
 
-    # -- workers ---------------------------------------------------------------------
+    # -- workers -------------------------------------------------------------------------
 
-    async def _work(self, queue: _Queue, handler: Handler) -> None:
+    async def _work(self, queue: _Queue, handler: Handler, recover: RecoverCallback | None) -> None:
         """One worker: run due jobs of ``queue`` until shutdown.
 
-        Job timeouts use one cancel scope per worker instead of one per job
-        (a scope with a deadline costs more than a no-op job): its deadline
-        is moved only when it would fire before the running job's timeout,
-        to that timeout plus a little slack, so a job is cancelled between
-        ``job_timeout`` and ``job_timeout`` + 1 % (at most 50 ms) after it
-        started. When the scope fires, the job it cut short fails with
+        Job timeouts use a ``WorkerTimer`` (one cancel scope per worker, not
+        per job). When it fires, the job it cut short fails with
         ``JobTimeoutError`` and the worker goes on with a new scope.
         """
         self._workers += 1
         self._workers_done = anyio.Event() if self._workers == 1 else self._workers_done
         heap, clock = queue.heap, self.clock
-        timeout = handler.timeout_seconds
-        slack = 0.0 if timeout is None else min(timeout / 100, 0.05)
-        running: tuple[Job, Job] | None = None  # (stored job, the handler's view)
+        timer = WorkerTimer(handler.timeout_seconds)
+        running: Job | None = None  # the stored job whose handler runs now
         streak = 0
         try:
             while not self._stopping:
-                with anyio.CancelScope() as timer:
+                with timer.scope():
                     while not self._stopping:
                         if not (heap and heap[0][0] <= clock.monotonic()):
-                            timer.deadline = math.inf  # idle: nothing to time out
+                            timer.pause()  # idle: nothing to time out
                             await self._idle_wait(queue)
                             continue
-                        job = self._jobs.get(heapq.heappop(heap)[1])
+                        job = self._jobs.get(heapq.heappop(heap)[2])
                         if job is None or job.status == "processed":
                             self._notify_progress()  # drain() may be waiting on it
                             continue
-                        seen = self._begin(queue, job)
-                        if seen is None:
+                        refused = refuse_to_run(job, clock.now())
+                        if refused is not None:
+                            await self._conclude(queue, job, job, refused, recover)
                             continue
-                        if timeout is not None:
-                            due = anyio.current_time() + timeout
-                            if not due <= timer.deadline <= due + slack:
-                                timer.deadline = due + slack
-                        running = (job, seen)
+                        seen = as_run(job)
+                        timer.start()
+                        running = job
                         self._in_flight += 1
                         exc = await run_handler(handler, seen)
                         self._in_flight -= 1
                         running = None
-                        callback = self._finish(queue, handler, job, seen, exc)
-                        if callback is not None and exc is not None:  # exc: for mypy
-                            timer.deadline = math.inf
-                            await call_recover(callback, seen, exc, self._logger)
+                        outcome = decide(seen, exc)
+                        self._store_outcome(queue, job, outcome)
+                        if exc is not None:
+                            timer.pause()  # the recover callback is not timed
+                            await report(outcome, seen, recover, self._log)
                         # Let other tasks run now and then, as database round
                         # trips would: a no-op handler never yields by itself.
                         streak += 1
@@ -296,17 +265,14 @@ class MemoryBackend(BackendCore):
                             streak = 0
                             await anyio.lowlevel.checkpoint()
                 if running is not None:  # the timer cut the running job short
-                    job, seen = running
-                    running = None
+                    job, running = running, None
                     self._in_flight -= 1
-                    late = JobTimeoutError(f"the job ran past its job_timeout of {timeout:g} s")
-                    callback = self._finish(queue, handler, job, seen, late)
-                    if callback is not None:
-                        await call_recover(callback, seen, late, self._logger)
+                    seen = as_run(job)
+                    await self._conclude(queue, job, seen, decide(seen, timer.error()), recover)
         except BaseException:
             if running is not None:  # cancelled at shutdown: the job stays queued as it was
                 self._in_flight -= 1
-                queue.push(clock.monotonic(), int(running[0].id or 0))
+                queue.push(clock.monotonic(), running)
             raise
         finally:
             self._workers -= 1
@@ -319,69 +285,58 @@ class MemoryBackend(BackendCore):
         # Woken by a new job, advance() or shutdown.
         await wait_in_line(queue.idle, heap[0][0] - self.clock.monotonic() if heap else math.inf)
 
-    def _begin(self, queue: _Queue, job: Job) -> Job | None:
-        """The job as its handler sees it, or None if it is past its deadline."""
-        if job.deadline is not None and job.deadline <= self.clock.now():
-            late = JobDeadlineError(f"the job's deadline {job.deadline.isoformat()} has passed")
-            self._bury(queue, job, job.retries, describe_error(late))
-            self._logger.warning("job %s on queue %s not run: %s", job.id, job.queue, late)
-            return None
-        if job.status == "failed":  # this run is a retry
-            return job._replace(retries=job.retries + 1)
-        return job
+    async def _conclude(
+        self,
+        queue: _Queue,
+        job: Job,
+        seen: Job,
+        outcome: Outcome,
+        recover: RecoverCallback | None,
+    ) -> None:
+        """Store a run's outcome (the stored ``job``, as its handler ``seen`` it),
+        then report it."""
+        self._store_outcome(queue, job, outcome)
+        if outcome.kind != "processed":
+            await report(outcome, seen, recover, self._log)
 
-    def _finish(
-        self, queue: _Queue, handler: Handler, job: Job, seen: Job, exc: BaseException | None
-    ) -> RecoverCallback | None:
-        """Record a run's outcome; returns the recover callback to call, if any."""
-        retries = seen.retries
-        old_key = (job.queue, job.fingerprint or "", job.status)
+    def _store_outcome(self, queue: _Queue, job: Job, outcome: Outcome) -> None:
+        assert job.id is not None
+        self._unique.pop((job.queue, job.fingerprint or "", job.status), None)
         self._notify_progress()
-        if exc is None:
-            self._unique.pop(old_key, None)
-            self._jobs[int(job.id or 0)] = job._replace(
-                status="processed", ran_at=self.clock.now(), error=None, retries=retries
+        now = self.clock.now()
+        if outcome.kind == "processed":
+            self._jobs[job.id] = job._evolve(
+                status="processed", ran_at=now, error=None, retries=outcome.retries
             )
             queue.done_one()
-            return None
-        decision = decide_failure(retries, job.max_retries)
-        message = describe_error(exc)
-        if decision.dead:
-            self._bury(queue, job, retries, message)
-        else:
-            self._unique.pop(old_key, None)
-            ran_at = self.clock.now()
-            run_after = ran_at + timedelta(seconds=decision.delay)
-            self._jobs[int(job.id or 0)] = job._replace(
-                status="failed", ran_at=ran_at, error=message, retries=retries, run_after=run_after
+        elif outcome.kind == "retry":
+            run_after = now + timedelta(seconds=outcome.delay)
+            failed = job._evolve(
+                status="failed",
+                ran_at=now,
+                error=outcome.error,
+                retries=outcome.retries,
+                run_after=run_after,
             )
-            self._unique[(job.queue, job.fingerprint or "", "failed")] = int(job.id or 0)
-            queue.push(self.clock.to_monotonic(run_after), int(job.id or 0))
-        self._logger.error(
-            "job %s on queue %s failed (%s): %s",
-            job.id,
-            job.queue,
-            "moved to dead jobs" if decision.dead else f"retry in {decision.delay:g} s",
-            message,
-        )
-        return handler.recover_callback or self._recovery_callback
-
-    def _bury(self, queue: _Queue, job: Job, retries: int, message: str) -> None:
-        job_id = int(job.id or 0)
-        self._unique.pop((job.queue, job.fingerprint or "", job.status), None)
-        del self._jobs[job_id]
-        self._dead[job_id] = job._replace(
-            status="failed", error=message, retries=retries, created_at=self.clock.now()
-        )
-        queue.done_one()
-        self._notify_progress()
+            self._jobs[job.id] = failed
+            self._unique[(job.queue, job.fingerprint or "", "failed")] = job.id
+            queue.push(self.clock.to_monotonic(run_after), failed)
+        else:
+            del self._jobs[job.id]
+            self._dead[job.id] = job._evolve(
+                status="failed", error=outcome.error, retries=outcome.retries, created_at=now
+            )
+            queue.done_one()
 
     def _notify_progress(self) -> None:
         if self._progress is not None:
             self._progress.set()
             self._progress = None
 
-    # -- internals -------------------------------------------------------------------
+    # -- the backend's hooks -------------------------------------------------------------
+
+    async def _start_services(self) -> None:
+        await anyio.lowlevel.checkpoint()
 
     def _queue(self, name: str) -> _Queue:
         queue = self._queues.get(name)
@@ -410,7 +365,11 @@ class MemoryBackend(BackendCore):
     async def _wait_workers(self) -> None:
         await self._workers_done.wait()
 
-    # -- hooks for neoq_anyio.testing ------------------------------------------------------
+    async def _wait_drained(self) -> None:
+        while self._has_due() or self._in_flight:
+            if self._progress is None:
+                self._progress = anyio.Event()
+            await self._progress.wait()
 
     def _has_due(self) -> bool:
         """Whether a job is due now on a queue that has a handler (the heads of
@@ -420,13 +379,10 @@ class MemoryBackend(BackendCore):
             (heap := self._queues[name].heap) and heap[0][0] <= now for name in self._handlers
         )
 
-    async def _wait_progress(self) -> None:
-        if self._progress is None:
-            self._progress = anyio.Event()
-        await self._progress.wait()
+    async def _stored_jobs(self, queue: str | None, *, dead: bool) -> list[Job]:
+        jobs = self._dead if dead else self._jobs
+        return [j for j in jobs.values() if queue is None or j.queue == queue]
 
-
-def _set(job: Job, **fields: Any) -> None:
-    """Update fields of a job this backend owns (its stored copy)."""
-    for name, value in fields.items():
-        object.__setattr__(job, name, value)
+    async def _fast_forward(self, seconds: float) -> None:
+        self.clock.advance(seconds)
+        await anyio.lowlevel.checkpoint()

@@ -13,7 +13,7 @@ from ._durations import to_seconds
 from ._exceptions import ConfigurationError, InvalidJobError, NoQueueError
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Mapping
 
 __all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_JOB_TIMEOUT", "Handler", "Job", "JobStatus"]
 
@@ -26,7 +26,7 @@ DEFAULT_JOB_TIMEOUT = 30.0
 """Seconds a handler may run before it is cancelled (Go neoq's value)."""
 
 
-@dataclass(frozen=True, slots=True, init=False)
+@dataclass(frozen=True, slots=True)
 class Job:
     """A unit of work on a queue.
 
@@ -55,10 +55,10 @@ class Job:
 
     queue: str
     payload: dict[str, Any] | None = None
-    fingerprint: str | None = None
-    run_after: datetime | None = None
-    deadline: datetime | None = None
-    max_retries: int | None = None
+    fingerprint: str | None = field(default=None, kw_only=True)
+    run_after: datetime | None = field(default=None, kw_only=True)
+    deadline: datetime | None = field(default=None, kw_only=True)
+    max_retries: int | None = field(default=None, kw_only=True)
     id: str | None = field(default=None, init=False)
     status: JobStatus = field(default="new", init=False)
     retries: int = field(default=0, init=False)
@@ -66,75 +66,40 @@ class Job:
     error: str | None = field(default=None, init=False)
     created_at: datetime | None = field(default=None, init=False)
 
-    # A positional ``queue, payload`` reads naturally: Job("emails", {...}).
-    def __init__(
-        self,
-        queue: str,
-        payload: dict[str, Any] | None = None,
-        *,
-        fingerprint: str | None = None,
-        run_after: datetime | None = None,
-        deadline: datetime | None = None,
-        max_retries: int | None = None,
-    ) -> None:
-        set_ = object.__setattr__
-        set_(self, "queue", queue)
-        set_(self, "payload", payload)
-        set_(self, "fingerprint", fingerprint)
-        set_(self, "run_after", run_after)
-        set_(self, "deadline", deadline)
-        set_(self, "max_retries", max_retries)
-        set_(self, "id", None)
-        set_(self, "status", "new")
-        set_(self, "retries", 0)
-        set_(self, "ran_at", None)
-        set_(self, "error", None)
-        set_(self, "created_at", None)
+    def _evolve(self, **changes: Any) -> Job:
+        """A copy with some fields changed, read-only ones included.
 
-    @classmethod
-    def _from_row(
-        cls,
-        *,
-        id: int | str,
-        fingerprint: str,
-        queue: str,
-        status: JobStatus,
-        deadline: datetime | None,
-        payload: dict[str, Any] | None,
-        retries: int | None,
-        max_retries: int | None,
-        run_after: datetime | None,
-        ran_at: datetime | None,
-        created_at: datetime | None,
-        error: str | None,
-    ) -> Job:
-        """Rebuild a job as stored; timestamps are converted to UTC."""
-        job = cls(
-            queue,
-            payload,
-            fingerprint=fingerprint,
-            run_after=_utc(run_after),
-            deadline=_utc(deadline),
-            max_retries=max_retries,
-        )
-        set_ = object.__setattr__
-        set_(job, "id", str(id))
-        set_(job, "status", status)
-        set_(job, "retries", retries or 0)
-        set_(job, "ran_at", _utc(ran_at))
-        set_(job, "error", error or None)  # Go neoq stores "" for no error
-        set_(job, "created_at", _utc(created_at))
-        return job
-
-    def _replace(self, **changes: Any) -> Job:
-        """A copy with some fields changed, read-only ones included."""
+        The one way backends set the read-only fields: a ``Job`` users hold
+        never changes, backends store and hand out new ones.
+        """
         job = object.__new__(Job)
         for name in _JOB_FIELDS:
-            object.__setattr__(job, name, changes.get(name, getattr(self, name)))
+            object.__setattr__(job, name, changes.pop(name, getattr(self, name)))
+        if changes:
+            raise TypeError(f"Job has no field {next(iter(changes))!r}")
         return job
+
+    @classmethod
+    def _from_row(cls, row: Mapping[str, Any]) -> Job:
+        """Rebuild a job as stored (a row by column name); timestamps in UTC."""
+        return _BLANK._evolve(
+            id=str(row["id"]),
+            queue=row["queue"],
+            payload=row["payload"],
+            fingerprint=row["fingerprint"],
+            status=row["status"],
+            run_after=_utc(row["run_after"]),
+            deadline=_utc(row["deadline"]),
+            max_retries=row["max_retries"],
+            retries=row["retries"] or 0,
+            ran_at=_utc(row["ran_at"]),
+            error=row["error"] or None,  # Go neoq stores "" for no error
+            created_at=_utc(row["created_at"]),
+        )
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
+_BLANK = Job("")
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -216,9 +181,7 @@ class Handler:
         c = self.concurrency
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ConfigurationError(f"concurrency must be a positive int, got {c!r}")
-        if self.job_timeout is not None:
-            seconds = to_seconds(self.job_timeout, name="job_timeout", allow_zero=False)
-            object.__setattr__(self, "job_timeout", seconds)
+        _ = self.timeout_seconds  # validates job_timeout
         cap = self.max_queue_capacity
         if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
             raise ConfigurationError(f"max_queue_capacity must be a positive int, got {cap!r}")
@@ -227,9 +190,14 @@ class Handler:
 
     @property
     def timeout_seconds(self) -> float | None:
-        """``job_timeout`` in seconds (``None``: no limit)."""
-        timeout = self.job_timeout
-        return timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        """``job_timeout`` in seconds (``None``: no limit).
+
+        Raises:
+            ConfigurationError: ``job_timeout`` is not a positive duration.
+        """
+        if self.job_timeout is None:
+            return None
+        return to_seconds(self.job_timeout, name="job_timeout", allow_zero=False)
 
 
 def _is_async_callable(obj: Any) -> bool:

@@ -17,16 +17,14 @@ from ._backend import Options
 from ._durations import to_seconds
 from ._exceptions import ConnectionStringError
 from ._memory import MemoryBackend
-from ._postgres._backend import PostgresBackend, prepare_postgres
+from ._postgres._backend import PostgresBackend
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator
     from datetime import timedelta
 
-    from anyio.abc import TaskGroup
-
+    from ._backend import Backend
     from ._models import RecoverCallback
-    from ._protocol import Backend
 
 __all__ = ["DEFAULT_CONNECTION_TIMEOUT", "open_backend"]
 
@@ -125,19 +123,16 @@ async def open_backend(
         recovery_callback=recovery_callback,
         logger=logger or logging.getLogger("neoq_anyio"),
     )
-    build: Callable[[TaskGroup], PostgresBackend | MemoryBackend]
+    backend: Backend
     if connection_string is None or connection_string.strip() == _MEMORY:
-
-        def build(task_group: TaskGroup) -> PostgresBackend | MemoryBackend:
-            return MemoryBackend(task_group, options)
-
+        backend = MemoryBackend(options)
     else:
-        build = await prepare_postgres(connection_string, options)
+        backend = PostgresBackend(connection_string, options)
+    await backend._prepare()
     try:
         async with anyio.create_task_group() as tg:
-            backend = build(tg)
             try:
-                await backend._start_services()
+                await backend._start(tg)
                 yield backend
             finally:
                 await backend.shutdown()

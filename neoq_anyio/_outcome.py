@@ -1,11 +1,28 @@
-"""Retry decisions: pure functions, shared by every backend."""
+"""What a job's run leads to: one pure decision, applied by every execution path.
+
+A worker (the PostgreSQL transaction worker, the in-memory worker, and any
+later execution mode) asks ``refuse_to_run`` before it runs a job, runs the
+handler on ``as_run(job)``, and asks ``decide`` what the run leads to. It then
+stores the ``Outcome`` its own way (SQL, or a dict), and ``report``s it
+(``neoq_anyio._execution``), which logs the same lines for every backend. No
+I/O here, so the rules (Go neoq's retry counting, backoff and dead jobs) are
+tested without a database.
+"""
 
 from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-__all__ = ["RetryDecision", "backoff_seconds", "decide_failure"]
+from ._exceptions import JobDeadlineError
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from ._models import Job
+
+__all__ = ["Outcome", "as_run", "backoff_seconds", "decide", "describe_error", "refuse_to_run"]
 
 
 def backoff_seconds(retries: int, *, jitter: int | None = None) -> int:
@@ -18,21 +35,64 @@ def backoff_seconds(retries: int, *, jitter: int | None = None) -> int:
     return retries**4 + 15 + rand * retries + 1
 
 
+def describe_error(exc: BaseException) -> str:
+    """The text stored in a failed job's ``error`` column."""
+    message = str(exc)
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
 @dataclass(frozen=True, slots=True)
-class RetryDecision:
-    """What a failed run leads to: dead, or a retry ``delay`` seconds from now."""
+class Outcome:
+    """What to record for one job.
 
-    dead: bool
-    delay: float = 0.0
-
-
-def decide_failure(retries: int, max_retries: int | None) -> RetryDecision:
-    """Decide the fate of a run that failed while the job had ``retries`` retries.
-
-    A run that fails when ``retries`` already equals ``max_retries`` moves the
-    job to the dead jobs; ``max_retries=None`` (a NULL column, as Go neoq may
-    write) never does.
+    Attributes:
+        kind: ``processed``; ``retry`` (failed, due again in ``delay`` s);
+            or ``dead`` (moved to the dead jobs).
+        retries: the job's ``retries`` to store.
+        error: the text for the ``error`` column (``None`` when processed).
+        delay: seconds until a retry is due.
+        exc: what the handler raised (or why the job was not run), for the
+            recover callback and the log.
+        ran: whether the handler ran (``False`` for a job past its deadline).
     """
-    if max_retries is not None and retries >= max_retries:
-        return RetryDecision(dead=True)
-    return RetryDecision(dead=False, delay=backoff_seconds(retries))
+
+    kind: Literal["processed", "retry", "dead"]
+    retries: int
+    error: str | None = None
+    delay: float = 0.0
+    exc: BaseException | None = None
+    ran: bool = True
+
+
+def as_run(job: Job) -> Job:
+    """The job as its handler sees it: a run of a failed job is a retry, and
+    counts as one (Go neoq's counting, so Go and Python workers agree)."""
+    return job._evolve(retries=job.retries + 1) if job.status == "failed" else job
+
+
+def refuse_to_run(job: Job, now: datetime) -> Outcome | None:
+    """A dead outcome, unrun, for a job whose deadline has passed; else ``None``.
+
+    Retrying cannot help such a job, so it is not retried either.
+    """
+    if job.deadline is None or job.deadline > now:
+        return None
+    late = JobDeadlineError(f"the job's deadline {job.deadline.isoformat()} has passed")
+    return Outcome("dead", job.retries, describe_error(late), exc=late, ran=False)
+
+
+def decide(job: Job, exc: BaseException | None) -> Outcome:
+    """The outcome of a run of ``job`` (as returned by ``as_run``) that raised ``exc``.
+
+    Success marks the job processed. A failure when ``retries`` already
+    equals ``max_retries`` moves the job to the dead jobs; ``max_retries=None``
+    (a NULL column, as Go neoq may write) never does. Any other failure is
+    retried after ``backoff_seconds``.
+    """
+    retries = job.retries
+    if exc is None:
+        return Outcome("processed", retries)
+    error = describe_error(exc)
+    if job.max_retries is not None and retries >= job.max_retries:
+        return Outcome("dead", retries, error, exc=exc)
+    return Outcome("retry", retries, error, delay=backoff_seconds(retries), exc=exc)

@@ -35,21 +35,15 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from ._backend import Backend
 from ._durations import to_seconds
-from ._memory import MemoryBackend
-from ._models import Job
-from ._pg._connection import connect
-from ._postgres import _sql
-from ._postgres._backend import PostgresBackend
 
 if TYPE_CHECKING:
     from datetime import timedelta
 
-    from ._protocol import Backend
+    from ._models import Job
 
 __all__ = ["dead_jobs", "drain", "enqueued", "fast_forward"]
-
-_POLL = 0.01  # seconds between looks at PostgreSQL while draining
 
 
 async def drain(nq: Backend, *, timeout: float = 30.0) -> None:
@@ -68,23 +62,7 @@ async def drain(nq: Backend, *, timeout: float = 30.0) -> None:
         TypeError: ``nq`` is not a backend from ``open_backend``.
     """
     with anyio.fail_after(timeout):
-        if isinstance(nq, MemoryBackend):
-            while nq._has_due() or nq.statistics().jobs_in_flight:
-                await nq._wait_progress()
-            return
-        pg = _postgres(nq)
-        queues = list(pg.statistics().queues)
-        while True:
-            async with pg.connection() as conn:
-                cur = await conn.execute(
-                    "SELECT count(*) FROM neoq_jobs WHERE queue = ANY(%s) "
-                    "AND status <> 'processed' AND run_after <= now()",
-                    (queues,),
-                )
-                row = await cur.fetchone()
-            if not (row and row[0]) and not pg.statistics().jobs_in_flight:
-                return
-            await anyio.sleep(_POLL)
+        await _backend(nq)._wait_drained()
 
 
 async def enqueued(nq: Backend, queue: str | None = None) -> list[Job]:
@@ -103,9 +81,7 @@ async def enqueued(nq: Backend, queue: str | None = None) -> list[Job]:
     Raises:
         TypeError: ``nq`` is not a backend from ``open_backend``.
     """
-    if isinstance(nq, MemoryBackend):
-        return [j for j in nq._jobs.values() if queue is None or j.queue == queue]
-    return await _select(_postgres(nq), "neoq_jobs", queue)
+    return await _backend(nq)._stored_jobs(queue, dead=False)
 
 
 async def dead_jobs(nq: Backend, queue: str | None = None) -> list[Job]:
@@ -125,9 +101,7 @@ async def dead_jobs(nq: Backend, queue: str | None = None) -> list[Job]:
     Raises:
         TypeError: ``nq`` is not a backend from ``open_backend``.
     """
-    if isinstance(nq, MemoryBackend):
-        return [j for j in nq._dead.values() if queue is None or j.queue == queue]
-    return await _select(_postgres(nq), "neoq_dead_jobs", queue)
+    return await _backend(nq)._stored_jobs(queue, dead=True)
 
 
 async def fast_forward(nq: Backend, seconds: float | timedelta) -> None:
@@ -148,43 +122,10 @@ async def fast_forward(nq: Backend, seconds: float | timedelta) -> None:
         TypeError: ``nq`` is not a backend from ``open_backend``.
     """
     delta = to_seconds(seconds, name="seconds")
-    if isinstance(nq, MemoryBackend):
-        nq.clock.advance(delta)
-        await anyio.lowlevel.checkpoint()
-        return
-    pg = _postgres(nq)
-    async with pg.connection() as conn:
-        await conn.execute(
-            "UPDATE neoq_jobs SET run_after = run_after - make_interval(secs => %s) "
-            "WHERE status <> 'processed' AND run_after > now()",
-            (delta,),
-        )
-    pg._future.rescan()
-    pg._pending.poke()
+    await _backend(nq)._fast_forward(delta)
 
 
-def _postgres(nq: Backend) -> PostgresBackend:
-    if not isinstance(nq, PostgresBackend):
+def _backend(nq: object) -> Backend:
+    if not isinstance(nq, Backend):
         raise TypeError(f"expected a backend from open_backend(), got {nq!r}")
     return nq
-
-
-async def _select(nq: PostgresBackend, table: str, queue: str | None) -> list[Job]:
-    columns = _sql.JOB_COLUMNS
-    if table == "neoq_dead_jobs":
-        # The dead jobs table has neither run_after nor ran_at.
-        columns = columns.replace("run_after", "NULL AS run_after").replace(
-            "ran_at", "NULL AS ran_at"
-        )
-    query = f"SELECT {columns} FROM {table}"
-    if queue is not None:
-        query += " WHERE queue = %s"
-    query += " ORDER BY id"
-    # A connection of its own, so jobs can be inspected after the block ended.
-    conn = await connect(nq._settings.conninfo)
-    try:
-        cur = await conn.execute(query.encode(), (queue,) if queue is not None else None)
-        rows = await cur.fetchall()
-    finally:
-        await conn.close()
-    return [Job._from_row(**dict(zip(_sql.JOB_COLUMN_NAMES, row, strict=True))) for row in rows]

@@ -11,6 +11,7 @@ import pytest
 
 from neoq_anyio._cron import CronTicker, WallClock
 from neoq_anyio._cron_schedule import parse_cron_spec
+from neoq_anyio._log import default_log
 
 
 @pytest.fixture(
@@ -65,7 +66,7 @@ async def test_ticker_survives_a_failed_enqueue(
         parse_cron_spec("@hourly"),
         "q",
         enqueue_tick,
-        logger=lambda: logging.getLogger("neoq_anyio"),
+        log=default_log(),
         clock=clock,
     )
     with caplog.at_level(logging.ERROR, logger="neoq_anyio"):
@@ -96,7 +97,7 @@ async def test_ticker_does_not_replay_missed_ticks(
         parse_cron_spec("*/10 * * * *"),
         "q",
         enqueue_tick,
-        logger=lambda: logging.getLogger("neoq_anyio"),
+        log=default_log(),
         clock=clock,
     )
     with anyio.fail_after(3600 if autojump else 10):

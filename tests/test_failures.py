@@ -10,7 +10,7 @@ import anyio.lowlevel
 import pytest
 
 from neoq_anyio import ConfigurationError, Handler, Job, JobTimeoutError, current_transaction
-from neoq_anyio._outcome import backoff_seconds, decide_failure
+from neoq_anyio._outcome import as_run, backoff_seconds, decide, refuse_to_run
 
 from .conftest import Database, wait_until
 from .test_processing import Recorder, backend
@@ -37,7 +37,32 @@ def test_backoff_random_term_stays_in_range() -> None:
     [(0, 0, True), (0, 1, False), (1, 1, True), (22, 23, False), (23, 23, True), (50, None, False)],
 )
 def test_decide_failure(retries: int, max_retries: int | None, dead: bool) -> None:
-    assert decide_failure(retries, max_retries).dead is dead
+    job = Job("q", max_retries=max_retries)._evolve(retries=retries)
+    outcome = decide(job, KeyError("missing"))
+    assert outcome.kind == ("dead" if dead else "retry")
+    assert outcome.retries == retries
+    assert outcome.error == "KeyError: 'missing'"
+    assert (outcome.delay > 0) is not dead
+
+
+def test_decide_success_keeps_the_runs_retry_count() -> None:
+    job = as_run(Job("q")._evolve(status="failed", retries=2))
+    assert job.retries == 3  # a run of a failed job is a retry
+    outcome = decide(job, None)
+    assert (outcome.kind, outcome.retries, outcome.error) == ("processed", 3, None)
+    assert as_run(Job("q")).retries == 0
+
+
+def test_a_job_past_its_deadline_is_refused_unrun() -> None:
+    now = datetime.now(UTC)
+    late = Job("q", deadline=now - timedelta(seconds=1))._evolve(retries=1)
+    outcome = refuse_to_run(late, now)
+    assert outcome is not None
+    assert (outcome.kind, outcome.retries, outcome.ran) == ("dead", 1, False)
+    assert outcome.error is not None
+    assert outcome.error.startswith("JobDeadlineError")
+    assert refuse_to_run(Job("q", deadline=now + timedelta(seconds=1)), now) is None
+    assert refuse_to_run(Job("q"), now) is None
 
 
 async def make_due(db: Database, job_id: str) -> None:

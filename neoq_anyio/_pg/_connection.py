@@ -23,7 +23,6 @@ and host name resolution exactly as it documents, without asyncio.
 
 from __future__ import annotations
 
-import logging
 import select
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -37,6 +36,9 @@ from psycopg.rows import TupleRow, tuple_row
 from psycopg.transaction import AsyncTransaction
 from psycopg.waiting import Ready, Wait
 
+from neoq_anyio._exceptions import DatabaseError
+from neoq_anyio._log import BackendLog, default_log
+
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
     from types import TracebackType
@@ -44,8 +46,6 @@ if TYPE_CHECKING:
     from psycopg.abc import RV, PQGen
 
 __all__ = ["AnyioConnection", "connect"]
-
-logger = logging.getLogger("neoq_anyio")
 
 _ACTIVE = pq.TransactionStatus.ACTIVE
 _BAD = pq.ConnStatus.BAD
@@ -138,8 +138,8 @@ class _ShieldedTransaction(AsyncTransaction):
         with anyio.CancelScope(shield=True) as scope:
             scope.deadline = anyio.current_time() + CANCEL_GRACE
             return await super().__aexit__(exc_type, exc_val, exc_tb)
-        log = getattr(self._conn, "log", lambda: logger)
-        log().warning("transaction did not end after cancellation: closing connection")
+        log = getattr(self._conn, "log", None) or default_log()
+        log.warning("transaction did not end after cancellation: closing connection")
         self._conn.pgconn.finish()
         return False
 
@@ -166,8 +166,8 @@ class AnyioConnection(psycopg.AsyncConnection[TupleRow]):
         # the wait on the socket that follows is the checkpoint.
         self.lock = anyio.Lock(fast_acquire=True)  # type: ignore[assignment]
         # Where this connection's own warnings go; a pool points it at the
-        # backend's logger, so set_logger() covers them too.
-        self.log: Callable[[], logging.Logger] = lambda: logger
+        # backend's log, so set_logger() covers them too.
+        self.log: BackendLog = default_log()
 
     async def wait(self, gen: PQGen[RV], interval: float = 0.0, timeout: float | None = None) -> RV:
         """Consume a psycopg generator, waiting on the socket through AnyIO.
@@ -209,10 +209,10 @@ class AnyioConnection(psycopg.AsyncConnection[TupleRow]):
             except e.QueryCanceled:
                 pass  # what a cancelled query answers
             except Exception as exc:
-                self.log().warning("query cancellation failed (%s): closing connection", exc)
+                self.log.warning("query cancellation failed (%s): closing connection", exc)
                 self.pgconn.finish()
         if scope.cancelled_caught or self.pgconn.transaction_status == _ACTIVE:
-            self.log().warning("query not terminated after cancellation: closing connection")
+            self.log.warning("query not terminated after cancellation: closing connection")
             self.pgconn.finish()
 
     @asynccontextmanager
@@ -237,23 +237,34 @@ class AnyioConnection(psycopg.AsyncConnection[TupleRow]):
             await anyio.to_thread.run_sync(self.pgconn.get_cancel().cancel, abandon_on_cancel=True)
 
 
-def _connect_blocking(conninfo: str) -> pq.abc.PGconn:
+def _connect_blocking(conninfo: str) -> pq.abc.PGconn | str:
+    """A connected PGconn, or libpq's error message."""
     pgconn = pq.PGconn.connect(conninfo.encode())
     if pgconn.status == _BAD:
         message = pgconn.get_error_message()
         pgconn.finish()
-        raise e.OperationalError(f"connection failed: {message}")
+        return message
     pgconn.nonblocking = 1
     return pgconn
 
 
-async def connect(conninfo: str, *, autocommit: bool = True) -> AnyioConnection:
+async def connect(
+    conninfo: str,
+    *,
+    autocommit: bool = True,
+    redact: Callable[[str], str] = str,
+    doing: str = "cannot connect",
+) -> AnyioConnection:
     """Open an ``AnyioConnection`` with libpq's own connect run in a worker thread.
 
     Raises:
-        psycopg.OperationalError: the server could not be reached or refused us.
+        DatabaseError: the server could not be reached or refused us:
+            ``"<doing>: <libpq's message>"`` passed through ``redact``, with
+            no cause chained (libpq's text may echo connection details).
     """
     pgconn = await anyio.to_thread.run_sync(_connect_blocking, conninfo, abandon_on_cancel=True)
+    if isinstance(pgconn, str):
+        raise DatabaseError(redact(f"{doing}: {pgconn.strip()}"))
     conn = AnyioConnection(pgconn)
     conn._autocommit = autocommit  # no server round trip: psycopg sends BEGIN lazily
     return conn

@@ -23,7 +23,6 @@ Design:
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -38,6 +37,7 @@ from psycopg import errors as e
 from psycopg import pq
 
 from neoq_anyio._exceptions import ConfigurationError, DatabaseError, PoolTimeoutError
+from neoq_anyio._log import BackendLog, default_log
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Awaitable, Callable
@@ -47,8 +47,6 @@ if TYPE_CHECKING:
     from ._connection import AnyioConnection
 
 __all__ = ["ConnectionPool", "PoolOptions", "PoolStatistics", "default_max_conns"]
-
-logger = logging.getLogger("neoq_anyio")
 
 _IDLE = pq.TransactionStatus.IDLE
 _OK = pq.ConnStatus.OK
@@ -67,7 +65,8 @@ class PoolOptions:
     Durations are in seconds.
 
     Raises:
-        ConfigurationError: On construction, if a value is out of range.
+        PoolOptionsError: On construction, if a value is out of range or not a number
+            (a :class:`ConfigurationError`).
     """
 
     max_conns: int = field(default_factory=default_max_conns)
@@ -78,34 +77,70 @@ class PoolOptions:
     max_conn_lifetime_jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        problem = _pool_options_problem(self)
-        if problem is not None:
-            raise ConfigurationError(problem)
+        _check_pool_options(self)
 
 
-def _pool_options_problem(options: PoolOptions) -> str | None:
-    """Return what is wrong with ``options``, or ``None`` if they are valid."""
-    if _is_bad_int(options.max_conns) or options.max_conns < 1:
-        return f"max_conns must be an integer greater than 0, got {options.max_conns!r}"
-    if _is_bad_int(options.min_conns) or not 0 <= options.min_conns <= options.max_conns:
-        return (
-            f"min_conns must be an integer from 0 to max_conns ({options.max_conns}), "
-            f"got {options.min_conns!r}"
+class PoolOptionsError(ConfigurationError):
+    """A :class:`PoolOptions` value is out of range or not a number.
+
+    The message names the field and its value. A caller that read the value from text
+    (the connection-string parser) names the option and the text its own way, with
+    :attr:`option` and :meth:`reason`.
+
+    Attributes:
+        option: The offending field, such as ``"min_conns"``.
+    """
+
+    def __init__(self, option: str, value: object, expected: str, reason: str = "") -> None:
+        super().__init__(f"{option} must be {expected}, got {value!r}")
+        self.option = option
+        self._reason = reason or f"must be {expected}"
+
+    def reason(self, prefix: str = "") -> str:
+        """Say what is wrong with the value, without quoting it.
+
+        Args:
+            prefix: Written before the names of the other options the reason mentions
+                (``"pool_"`` for pgxpool's names), as in ``"must not exceed max_conns (4)"``.
+        """
+        return self._reason.format(prefix=prefix)
+
+
+# Duration fields, in pgxpool's order, and whether zero is refused too.
+_DURATION_FIELDS = (
+    ("max_conn_lifetime", False),
+    ("max_conn_idle_time", False),
+    ("health_check_period", True),
+    ("max_conn_lifetime_jitter", False),
+)
+
+
+def _check_pool_options(options: PoolOptions) -> None:
+    """Raise :class:`PoolOptionsError` for the first value of ``options`` out of range.
+
+    This is the one range check of the pool options: the connection-string parser only
+    turns text into numbers and leaves the ranges to it.
+    """
+    max_conns, min_conns = options.max_conns, options.min_conns
+    if _is_bad_int(max_conns) or max_conns < 1:
+        raise PoolOptionsError("max_conns", max_conns, "an integer greater than 0")
+    expected = f"an integer from 0 to max_conns ({max_conns})"
+    if _is_bad_int(min_conns) or min_conns < 0:
+        raise PoolOptionsError(
+            "min_conns", min_conns, expected, "must be an integer greater than or equal to 0"
         )
-    durations = {
-        "max_conn_lifetime": options.max_conn_lifetime,
-        "max_conn_idle_time": options.max_conn_idle_time,
-        "max_conn_lifetime_jitter": options.max_conn_lifetime_jitter,
-    }
-    for name, value in durations.items():
-        if _is_bad_float(value) or value < 0:
-            return f"{name} must be a non-negative number of seconds, got {value!r}"
-    if _is_bad_float(options.health_check_period) or options.health_check_period <= 0:
-        return (
-            "health_check_period must be a positive number of seconds, "
-            f"got {options.health_check_period!r}"
+    if min_conns > max_conns:
+        raise PoolOptionsError(
+            "min_conns", min_conns, expected, f"must not exceed {{prefix}}max_conns ({max_conns})"
         )
-    return None
+    for name, positive in _DURATION_FIELDS:
+        value = getattr(options, name)
+        expected = f"a {'positive' if positive else 'non-negative'} number of seconds"
+        if _is_bad_float(value):
+            raise PoolOptionsError(name, value, expected)
+        if value < 0 or (positive and value == 0):
+            reason = "must be greater than 0" if positive else "must not be negative"
+            raise PoolOptionsError(name, value, expected, reason)
 
 
 def _is_bad_int(value: object) -> bool:
@@ -179,7 +214,8 @@ class ConnectionPool:
         options: sizes and lifetimes from the connection string.
         connection_timeout: default seconds ``acquire`` waits before
             ``PoolTimeoutError``.
-        redact: scrubs secrets from messages that reach errors or logs.
+        log: where the pool and its connections log; it also scrubs
+            secrets from messages that reach errors.
     """
 
     def __init__(
@@ -188,13 +224,12 @@ class ConnectionPool:
         options: PoolOptions,
         *,
         connection_timeout: float,
-        redact: Callable[[str], str] = str,
+        log: BackendLog | None = None,
     ) -> None:
-        self.logger: Callable[[], logging.Logger] = lambda: logger  # the backend's, once it has one
+        self._log = log or default_log()
         self._connect = connect
         self._options = options
         self._timeout = connection_timeout
-        self._redact = redact
         self._idle: list[AnyioConnection] = []
         self._entries: dict[int, _Entry] = {}
         self._waiters: deque[_Waiter] = deque()
@@ -273,13 +308,11 @@ class ConnectionPool:
         """Open a connection into a slot already counted in ``_size``."""
         try:
             conn = await self._connect()
-        except BaseException as exc:
+        except BaseException:
             self._size -= 1
             self._grant_slot()
-            if isinstance(exc, e.Error):
-                raise DatabaseError(self._redact(f"cannot connect: {exc}")) from None
             raise
-        conn.log = self.logger
+        conn.log = self._log
         lifetime = self._options.max_conn_lifetime
         if lifetime > 0:
             lifetime += random.uniform(0, self._options.max_conn_lifetime_jitter)
@@ -298,7 +331,7 @@ class ConnectionPool:
                 try:
                     await conn.rollback()
                 except e.Error as exc:
-                    self.logger().debug("rollback on release failed: %s", self._redact(str(exc)))
+                    self._log.debug("rollback on release failed: %s", exc)
         if pgconn.transaction_status == _IDLE:
             conn._autocommit = True  # internal work batches its own BEGIN/COMMIT
         # No socket poll here: the connection was just in use, and the next
@@ -381,7 +414,7 @@ class ConnectionPool:
             try:
                 conn = await self._open()
             except DatabaseError as exc:
-                self.logger().warning("pool could not open a connection: %s", exc)
+                self._log.warning("pool could not open a connection: %s", exc)
                 return
             self._put(conn)
 

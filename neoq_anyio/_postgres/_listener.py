@@ -17,19 +17,21 @@ import random
 from typing import TYPE_CHECKING, NoReturn
 
 import anyio
-from psycopg import errors as e
 from psycopg import sql
 from psycopg.generators import notifies
 
 from neoq_anyio._exceptions import DatabaseError
+from neoq_anyio._pg._errors import map_errors
+
+from . import _sql
 
 if TYPE_CHECKING:
-    import logging
     from collections.abc import Awaitable, Callable
 
     from anyio.abc import TaskStatus
     from psycopg import Notify
 
+    from neoq_anyio._log import BackendLog
     from neoq_anyio._pg._connection import AnyioConnection
 
 __all__ = ["Listener"]
@@ -47,8 +49,7 @@ class Listener:
         on_notify: ``on_notify(channel, payload)``, called for every
             notification; must not block.
         on_reconnect: called after the connection was re-established.
-        logger: returns the backend's current logger.
-        redact: scrubs secrets from messages.
+        log: the backend's log.
     """
 
     def __init__(
@@ -57,14 +58,12 @@ class Listener:
         on_notify: Callable[[str, str], None],
         on_reconnect: Callable[[], None],
         *,
-        logger: Callable[[], logging.Logger],
-        redact: Callable[[str], str],
+        log: BackendLog,
     ) -> None:
         self._connect = connect
         self._on_notify = on_notify
         self._on_reconnect = on_reconnect
-        self._logger = logger
-        self._redact = redact
+        self._log = log
         self._channels: set[str] = set()  # LISTEN in force on the current connection
         self._requested: dict[str, anyio.Event] = {}  # channel -> set once listening
         self._wait_scope: anyio.CancelScope | None = None
@@ -87,11 +86,10 @@ class Listener:
         delay = _RECONNECT_MIN
         while True:
             try:
-                await self._serve(conn)
-            except (e.OperationalError, e.InterfaceError, DatabaseError) as exc:
-                self._logger().warning(
-                    "listener connection lost, reconnecting: %s", self._redact(str(exc))
-                )
+                with map_errors(self._log.redact, "listener"):
+                    await self._serve(conn)
+            except DatabaseError as exc:
+                self._log.warning("listener connection lost, reconnecting: %s", exc)
             finally:
                 conn.pgconn.finish()
             while True:
@@ -100,10 +98,8 @@ class Listener:
                 delay = min(delay * 2, _RECONNECT_MAX)
                 try:
                     conn = await self._connect()
-                except (e.OperationalError, DatabaseError) as exc:
-                    self._logger().warning(
-                        "listener cannot reconnect yet: %s", self._redact(str(exc))
-                    )
+                except DatabaseError as exc:
+                    self._log.warning("listener cannot reconnect yet: %s", exc)
                     continue
                 break
             delay = _RECONNECT_MIN
@@ -111,7 +107,7 @@ class Listener:
             for channel in self._channels:
                 self._requested.setdefault(channel, anyio.Event())
             self._channels.clear()
-            self._logger().info("listener reconnected")
+            self._log.info("listener reconnected")
 
     async def _serve(self, conn: AnyioConnection) -> None:
         conn.add_notify_handler(self._dispatch)
@@ -119,7 +115,7 @@ class Listener:
         while True:
             while self._requested:
                 channel, event = next(iter(self._requested.items()))
-                await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                await conn.execute(_sql.LISTEN.format(sql.Identifier(channel)))
                 self._channels.add(channel)
                 del self._requested[channel]
                 event.set()
@@ -133,7 +129,7 @@ class Listener:
                     await conn.wait(notifies(conn.pgconn))
             self._wait_scope = None
             if ping.cancelled_caught:
-                await conn.execute("SELECT 1")  # finds half-open connections
+                await conn.execute(_sql.PING)  # finds half-open connections
 
     def _dispatch(self, notification: Notify) -> None:
         self._on_notify(notification.channel, notification.payload)

@@ -16,25 +16,22 @@ import heapq
 from typing import TYPE_CHECKING, NoReturn
 
 import anyio
-import psycopg
 
-from neoq_anyio._exceptions import DatabaseError
-
-from . import _sql
+from neoq_anyio._exceptions import DatabaseError, PoolTimeoutError
 
 if TYPE_CHECKING:
-    import logging
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
 
     from anyio.abc import TaskStatus
 
-    from neoq_anyio._pg._pool import ConnectionPool
+    from neoq_anyio._log import BackendLog
 
+    from ._store import JobStore
     from ._wakeups import Wakeups
 
 __all__ = ["FutureJobs", "PendingJobs"]
 
-_DB_ERRORS = (psycopg.Error, DatabaseError)
+_DB_ERRORS = (DatabaseError, PoolTimeoutError)
 
 
 _RETRY_AFTER_ERROR = 1.0  # seconds before a failed look-up is tried again
@@ -61,26 +58,24 @@ class FutureJobs:
 
     def __init__(
         self,
-        pool: ConnectionPool,
+        store: JobStore,
         queues: Mapping[str, Wakeups],
         *,
         window: float,
         interval: float,
-        logger: Callable[[], logging.Logger],
-        redact: Callable[[str], str],
+        log: BackendLog,
     ) -> None:
-        self._pool = pool
+        self._store = store
         self._queues = queues
         self._window = window
         self._interval = interval
-        self._logger = logger
-        self._redact = redact
-        self._heap: list[tuple[float, int, str]] = []  # (due on anyio's clock, id, queue)
-        self._known: set[int] = set()
+        self._log = log
+        self._heap: list[tuple[float, str, str]] = []  # (due on anyio's clock, id, queue)
+        self._known: set[str] = set()
         self._poke = _Poke()
         self._scan_now = False
 
-    def add(self, job_id: int, queue: str, delay: float) -> None:
+    def add(self, job_id: str, queue: str, delay: float) -> None:
         """Schedule a wake-up for a job due in ``delay`` seconds, if within the window."""
         if delay > self._window or job_id in self._known:
             return
@@ -119,14 +114,12 @@ class FutureJobs:
         if not queues:
             return True
         try:
-            async with self._pool.connection() as conn:
-                cur = await conn.execute(_sql.FutureJobQuery, (queues, self._window))
-                rows = await cur.fetchall()
+            rows = await self._store.future_jobs(queues, self._window)
         except _DB_ERRORS as exc:
-            self._logger().warning("cannot look up future jobs: %s", self._redact(str(exc)))
+            self._log.warning("%s", exc)
             return False
         for job_id, queue, seconds in rows:
-            self.add(job_id, queue, max(0.0, seconds))
+            self.add(job_id, queue, seconds)
         return True
 
 
@@ -135,18 +128,16 @@ class PendingJobs:
 
     def __init__(
         self,
-        pool: ConnectionPool,
+        store: JobStore,
         queues: Mapping[str, Wakeups],
         *,
         interval: float,
-        logger: Callable[[], logging.Logger],
-        redact: Callable[[str], str],
+        log: BackendLog,
     ) -> None:
-        self._pool = pool
+        self._store = store
         self._queues = queues
         self._interval = interval
-        self._logger = logger
-        self._redact = redact
+        self._log = log
         self._poke = _Poke()
 
     def poke(self) -> None:
@@ -160,16 +151,16 @@ class PendingJobs:
             await self._poke.wait(self._interval if ok else min(self._interval, _RETRY_AFTER_ERROR))
 
     async def _check(self) -> bool:
-        queues = list(self._queues.items())
+        queues = list(self._queues)
         if not queues:
             return True
         try:
-            async with self._pool.connection() as conn:
-                for queue, wakeups in queues:
-                    cur = await conn.execute(_sql.PendingJobIDQuery, (queue,))
-                    if await cur.fetchone() is not None:
-                        wakeups.sweep()
+            due = await self._store.queues_with_due_jobs(queues)
         except _DB_ERRORS as exc:
-            self._logger().warning("cannot look up pending jobs: %s", self._redact(str(exc)))
+            self._log.warning("%s", exc)
             return False
+        for queue in due:
+            wakeups = self._queues.get(queue)
+            if wakeups is not None:
+                wakeups.sweep()
         return True

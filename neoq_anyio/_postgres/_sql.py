@@ -1,5 +1,7 @@
 """Every SQL statement the PostgreSQL backend runs, in one place.
 
+(``schema.sql``, shipped in the wheel, holds the schema itself.)
+
 Statements with parameters use psycopg's ``%s`` placeholders and the
 extended protocol (psycopg prepares them after a few uses). The per-job
 statements are built once per queue with the queue inlined as a literal and
@@ -9,12 +11,15 @@ run with the simple protocol, so ``BEGIN``, the locking ``SELECT`` and the
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Final, LiteralString
 
 from psycopg import sql
 
 if TYPE_CHECKING:
     from psycopg.abc import AdaptContext
+
+    from neoq_anyio._outcome import Outcome
 
 __all__ = [
     "JOB_COLUMNS",
@@ -31,9 +36,7 @@ JOB_COLUMNS: Final = (
 JOB_COLUMN_NAMES: Final = tuple(name.strip() for name in JOB_COLUMNS.split(","))
 
 JobQuery: Final[LiteralString] = (
-    "SELECT id, fingerprint, queue, status, deadline, payload, retries, max_retries, "
-    "run_after, ran_at, created_at, error "
-    "FROM neoq_jobs "
+    "SELECT " + JOB_COLUMNS + " FROM neoq_jobs "
     "WHERE queue = %s AND status <> 'processed' AND run_after <= now() "
     "ORDER BY run_after, id "
     "LIMIT 1 FOR UPDATE SKIP LOCKED"
@@ -140,32 +143,34 @@ def take_job(queue: str, context: AdaptContext) -> str:
     return f"BEGIN; {select.as_string(context)}; SAVEPOINT {SAVEPOINT}"
 
 
-def complete_job(job_id: int, retries: int) -> str:
-    """Mark a job processed and commit."""
-    return (
-        f"UPDATE neoq_jobs SET status = 'processed', ran_at = now(), error = NULL, "
-        f"retries = {retries:d} WHERE id = {job_id:d}; COMMIT"
-    )
+def record_outcome(job_id: str, outcome: Outcome, context: AdaptContext) -> str:
+    """The statements that record a run's outcome in the job's transaction, and COMMIT.
 
-
-def fail_job(job_id: int, retries: int, error: str, delay: float, context: AdaptContext) -> str:
-    """Undo the handler's writes, record the failure, schedule the retry, commit."""
-    message = sql.Literal(error).as_string(context)
-    return (
-        f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; "
-        f"UPDATE neoq_jobs SET status = 'failed', ran_at = now(), error = {message}, "
-        f"retries = {retries:d}, run_after = clock_timestamp() + make_interval(secs => {delay!r}) "
-        f"WHERE id = {job_id:d}; COMMIT"
-    )
-
-
-def bury_job(job_id: int, retries: int, error: str, context: AdaptContext) -> str:
-    """Undo the handler's writes and move the job to neoq_dead_jobs, then commit."""
-    message = sql.Literal(error).as_string(context)
+    A failure first rolls back to the savepoint ``take_job`` set, undoing
+    the handler's writes while keeping the row lock. Ids are inlined as
+    integers (``int()`` refuses anything else), texts as literals.
+    """
+    row = int(job_id)
+    retries = int(outcome.retries)
+    if outcome.kind == "processed":
+        return (
+            "UPDATE neoq_jobs SET status = 'processed', ran_at = now(), error = NULL, "
+            f"retries = {retries:d} WHERE id = {row:d}; COMMIT"
+        )
+    message = sql.Literal(outcome.error or "").as_string(context)
+    if outcome.kind == "retry":
+        delay = float(outcome.delay)
+        return (
+            f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; "
+            f"UPDATE neoq_jobs SET status = 'failed', ran_at = now(), error = {message}, "
+            f"retries = {retries:d}, "
+            f"run_after = clock_timestamp() + make_interval(secs => {delay!r}) "
+            f"WHERE id = {row:d}; COMMIT"
+        )
     return (
         f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; "
         "WITH dead AS (DELETE FROM neoq_jobs WHERE id = "
-        f"{job_id:d} RETURNING id, queue, fingerprint, payload, max_retries, deadline) "
+        f"{row:d} RETURNING id, queue, fingerprint, payload, max_retries, deadline) "
         "INSERT INTO neoq_dead_jobs "
         "(id, queue, fingerprint, payload, retries, max_retries, error, deadline) "
         f"SELECT id, queue, fingerprint, payload, {retries:d}, max_retries, {message}, deadline "
@@ -173,7 +178,85 @@ def bury_job(job_id: int, retries: int, error: str, context: AdaptContext) -> st
     )
 
 
+CLAIM_TICK: Final = (
+    "WITH claim AS ("
+    " INSERT INTO neoq_anyio_cron_ticks (queue, tick) VALUES (%(queue)s, %(tick)s)"
+    " ON CONFLICT DO NOTHING RETURNING queue"
+    "), pruned AS ("
+    " DELETE FROM neoq_anyio_cron_ticks"
+    " WHERE queue = %(queue)s AND tick < %(tick)s::timestamptz - interval '1 day'"
+    ") "
+    "INSERT INTO neoq_jobs (queue, fingerprint, payload) "
+    "SELECT queue, %(fingerprint)s, %(payload)s::jsonb FROM claim "
+    "ON CONFLICT DO NOTHING RETURNING id"
+)
+"""Claim a tick and enqueue its job in one statement; no row back: already claimed."""
+
+
 SESSION_SETUP: Final = "SET TimeZone = 'UTC'"
 """Every pooled session works in UTC: timestamps come back in UTC, and Go
 neoq's trigger compares ``run_after`` with ``timezone('utc', created_at)``,
 which is only right when the session's zone is UTC."""
+
+
+def session_settings(*, synchronous_commit: bool, transaction_timeout: float) -> bytes:
+    """What every pooled session runs once: UTC, the idle-in-transaction bound,
+    and (unless asked to keep it) ``synchronous_commit = off``, as Go neoq does."""
+    statements = [
+        SESSION_SETUP,
+        f"SET idle_in_transaction_session_timeout = {math.ceil(transaction_timeout * 1000):d}",
+    ]
+    if not synchronous_commit:
+        statements.append("SET synchronous_commit = off")
+    return "; ".join(statements).encode()
+
+
+LISTEN: Final = sql.SQL("LISTEN {}")
+"""Format with ``sql.Identifier(channel)``."""
+
+PING: Final = "SELECT 1"
+"""The listener's liveness check on an otherwise silent connection."""
+
+
+# -- database and schema setup ------------------------------------------------------
+
+DATABASE_EXISTS: Final = "SELECT 1 FROM pg_database WHERE datname = %s"
+
+CREATE_DATABASE: Final = sql.SQL("CREATE DATABASE {}")
+"""Format with ``sql.Identifier(name)``."""
+
+CREATE_SCHEMA: Final = sql.SQL("CREATE SCHEMA IF NOT EXISTS {}")
+"""Format with ``sql.Identifier(name)``."""
+
+SEARCH_PATH: Final = "SELECT current_schema() IS NULL, current_setting('search_path')"
+"""Whether the session has no schema to create tables in yet, and where it looks."""
+
+MIGRATIONS_TABLE_EXISTS: Final = "SELECT to_regclass('neoq_anyio_migrations') IS NOT NULL"
+MIGRATED: Final = "SELECT 1 FROM neoq_anyio_migrations WHERE version = %s"
+RECORD_MIGRATION: Final = "INSERT INTO neoq_anyio_migrations (version) VALUES (%s)"
+MIGRATION_LOCK: Final = "SELECT pg_advisory_xact_lock(%s)"
+
+
+# -- for neoq_anyio.testing ----------------------------------------------------------
+
+COUNT_DUE: Final = (
+    "SELECT count(*) FROM neoq_jobs WHERE queue = ANY(%s) "
+    "AND status <> 'processed' AND run_after <= now()"
+)
+
+FAST_FORWARD: Final = (
+    "UPDATE neoq_jobs SET run_after = run_after - make_interval(secs => %s) "
+    "WHERE status <> 'processed' AND run_after > now()"
+)
+
+# The dead jobs table has neither run_after nor ran_at.
+_DEAD_COLUMNS: Final = JOB_COLUMNS.replace("run_after", "NULL AS run_after").replace(
+    "ran_at", "NULL AS ran_at"
+)
+
+
+def select_jobs(*, dead: bool, queue: bool) -> bytes:
+    """Every job (or dead job), oldest first; ``queue``: filtered by a ``%s`` queue."""
+    table, columns = ("neoq_dead_jobs", _DEAD_COLUMNS) if dead else ("neoq_jobs", JOB_COLUMNS)
+    where = " WHERE queue = %s" if queue else ""
+    return f"SELECT {columns} FROM {table}{where} ORDER BY id".encode()
