@@ -4,8 +4,9 @@ Run: ``python bench/bench.py`` (embedded PostgreSQL) or
 ``python bench/bench.py --dsn postgresql://...``.
 
 Every figure is printed beside a *floor*: psycopg's own AsyncConnection on
-asyncio running exactly the same SQL (the statements come from
-``neoq_anyio._sql``), with nothing else around it. The ratio
+asyncio running exactly the same SQL as the PostgreSQL backend (the statements
+are written out below, copied from ``neoq_anyio/_postgres/_sql.py``), with
+nothing else around it. The benchmark uses neoq_anyio's public API only. The ratio
 neoq_anyio / floor is what to watch: absolute numbers swing with the
 machine's load, ratios taken in one run do not. Each scenario runs in a
 fresh schema, so table bloat from one does not slow the next.
@@ -37,15 +38,45 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from neoq_anyio import Handler, Job, open_backend
-from neoq_anyio._pg._connection import connect as anyio_connect
-from neoq_anyio._postgres import _sql as neoq_sql
-from neoq_anyio._postgres._schema import ensure_schema
 from neoq_anyio.embedded import embedded_postgres
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
 LOOPS = ("asyncio", "trio")
+
+# -- the floor's SQL -------------------------------------------------------------------
+# The statements the PostgreSQL backend runs to enqueue, take and complete a job, as in
+# neoq_anyio/_postgres/_sql.py; keep them in step with it.
+
+INSERT_JOB = (
+    "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline) "
+    "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s) "
+    "ON CONFLICT DO NOTHING RETURNING id"
+)
+NEXT_JOB = (
+    "SELECT id, fingerprint, queue, status, deadline, payload, retries, max_retries, "
+    "run_after, ran_at, created_at, error "
+    "FROM neoq_jobs "
+    "WHERE queue = {} AND status <> 'processed' AND run_after <= now() "
+    "ORDER BY run_after, id "
+    "LIMIT 1 FOR UPDATE SKIP LOCKED"
+)
+RETRIES_COLUMN = 6  # of NEXT_JOB's row
+
+
+def take_job(queue: str, conn: psycopg.AsyncConnection[Any]) -> str:
+    """``BEGIN; <the locking SELECT>; SAVEPOINT``, sent in one simple-protocol round trip."""
+    select = sql.SQL(NEXT_JOB).format(sql.Literal(queue)).as_string(conn)
+    return f"BEGIN; {select}; SAVEPOINT neoq_job"
+
+
+def complete_job(job_id: int, retries: int) -> str:
+    """Mark a job processed and commit its transaction."""
+    return (
+        "UPDATE neoq_jobs SET status = 'processed', ran_at = now(), error = NULL, "
+        f"retries = {retries:d} WHERE id = {job_id:d}; COMMIT"
+    )
 
 
 @dataclass
@@ -79,11 +110,9 @@ def fresh_schema(dsn: str) -> Iterator[str]:
     scoped = make_conninfo(dsn, options=f"-csearch_path={name}")
 
     async def setup() -> None:
-        conn = await anyio_connect(scoped)
-        try:
-            await ensure_schema(conn)
-        finally:
-            await conn.close()
+        # Opening a backend creates the schema and neoq's tables in it.
+        async with open_backend(scoped):
+            pass
 
     anyio.run(setup)
     try:
@@ -140,16 +169,14 @@ def bench_enqueue_ours(dsn: str, loop: str, count: int) -> float:
 
 
 def bench_enqueue_floor(dsn: str, count: int) -> float:
-    query = neoq_sql.insert_job(default_max_retries=True)
-
     async def main() -> float:
         conn = await floor_connection(dsn)
         async with conn:
             for n in range(50):
-                await (await conn.execute(query, payload_params("warm", n))).fetchone()
+                await (await conn.execute(INSERT_JOB, payload_params("warm", n))).fetchone()
             start = time.perf_counter()
             for n in range(count):
-                await (await conn.execute(query, payload_params("bench", n))).fetchone()
+                await (await conn.execute(INSERT_JOB, payload_params("bench", n))).fetchone()
             return count / (time.perf_counter() - start)
 
     return asyncio.run(main())
@@ -191,7 +218,7 @@ def bench_process_floor(dsn: str, count: int, concurrency: int) -> float:
 
     async def main() -> float:
         conns = [await floor_connection(dsn) for _ in range(concurrency)]
-        take = neoq_sql.take_job("work", conns[0])
+        take = take_job("work", conns[0])
         processed = 0
 
         async def worker(conn: psycopg.AsyncConnection[Any]) -> None:
@@ -203,7 +230,7 @@ def bench_process_floor(dsn: str, count: int, concurrency: int) -> float:
                 if row is None:
                     await conn.execute("ROLLBACK")
                     return
-                await conn.execute(neoq_sql.complete_job(row[0], row[6] or 0))
+                await conn.execute(complete_job(row[0], row[RETRIES_COLUMN] or 0))
                 processed += 1
 
         start = time.perf_counter()
@@ -250,20 +277,19 @@ def bench_latency_floor(dsn: str, samples: int) -> list[float]:
         worker = await floor_connection(dsn)
         producer = await floor_connection(dsn)
         await listen.execute("LISTEN latency")
-        insert = neoq_sql.insert_job(default_max_retries=True)
-        take = neoq_sql.take_job("latency", worker)
+        take = take_job("latency", worker)
         latencies: list[float] = []
         gen = listen.notifies()
         for n in range(samples + 20):
             sent_at = time.perf_counter()
-            await (await producer.execute(insert, payload_params("latency", n))).fetchone()
+            await (await producer.execute(INSERT_JOB, payload_params("latency", n))).fetchone()
             await anext(gen)
             cur = await worker.execute(take)
             cur.nextset()
             row = await cur.fetchone()
             assert row is not None
             latencies.append(time.perf_counter() - sent_at)
-            await worker.execute(neoq_sql.complete_job(row[0], 0))
+            await worker.execute(complete_job(row[0], 0))
         await gen.aclose()
         for conn in (listen, worker, producer):
             await conn.close()

@@ -39,7 +39,7 @@ equivalent, and ``@every <d>`` is described as ``"Every <d>"`` with the queue na
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import TYPE_CHECKING, Final
 
@@ -140,8 +140,9 @@ class _Translated:
 class CronSchedule:
     """A validated periodic-job schedule.
 
-    Build one with :func:`parse_cron_spec`; constructing it directly also validates ``spec``
-    (``description`` and ``queue_name`` are then taken as given).
+    Build one with :func:`parse_cron_spec`, which hands over the translation it made;
+    constructing it directly translates and validates ``spec`` here (``description`` and
+    ``queue_name`` are then taken as given).
 
     Attributes:
         spec: The spec as given by the user.
@@ -156,16 +157,18 @@ class CronSchedule:
     description: str
     queue_name: str
     tz: tzinfo = UTC
+    # The translation of ``spec`` when the caller already made it (parse_cron_spec does).
+    _translated: InitVar[_Translated | None] = None
     _cron_expr: str | None = field(init=False, repr=False, compare=False)
     _every: int | None = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, _translated: _Translated | None) -> None:
         if not isinstance(self.tz, tzinfo):
             raise ConfigurationError(
                 f"tz must be a datetime.tzinfo (such as zoneinfo.ZoneInfo('Europe/Paris')), "
                 f"got {self.tz!r}"
             )
-        translated = _translate(self.spec)
+        translated = _translate(self.spec) if _translated is None else _translated
         object.__setattr__(self, "_cron_expr", translated.cron_expr)
         object.__setattr__(self, "_every", translated.every)
         if translated.cron_expr is not None:
@@ -220,7 +223,13 @@ def parse_cron_spec(spec: str, *, tz: tzinfo | None = None) -> CronSchedule:
         raise ConfigurationError(
             f"invalid cron spec {spec!r}: its description {description!r} gives no queue name"
         )
-    return CronSchedule(spec=spec, description=description, queue_name=queue_name, tz=zone)
+    return CronSchedule(
+        spec=spec,
+        description=description,
+        queue_name=queue_name,
+        tz=zone,
+        _translated=translated,
+    )
 
 
 def derive_queue_name(description: str) -> str:

@@ -24,7 +24,7 @@ import math
 from collections import deque
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Never
 
 import anyio
 import anyio.lowlevel
@@ -40,13 +40,13 @@ from ._sync import wait_in_line
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
+    from contextlib import AbstractAsyncContextManager
 
     import psycopg
 
     from ._backend import Options
     from ._models import Handler, RecoverCallback
     from ._outcome import Outcome
-    from ._pg._connection import AnyioConnection
 
 __all__ = ["MemoryBackend", "MemoryClock"]
 
@@ -187,7 +187,8 @@ class MemoryBackend(Backend):
             max_retries=23 if job.max_retries is None else job.max_retries,
             created_at=now,
         )
-        assert stored.id is not None and stored.run_after is not None
+        assert stored.id is not None
+        assert stored.run_after is not None
         self._jobs[stored.id] = stored
         self._unique[key] = stored.id
         queue.unprocessed += 1
@@ -202,10 +203,8 @@ class MemoryBackend(Backend):
         self._spawn_workers(lambda: self._work(queue, handler, recover), handler.concurrency)
         await anyio.lowlevel.checkpoint()
 
-    @asynccontextmanager
-    async def connection(self) -> AsyncIterator[AnyioConnection]:
-        raise NoTransactionError("the in-memory backend has no database connections")
-        yield  # pragma: no cover
+    def connection(self) -> AbstractAsyncContextManager[Never]:
+        return _no_connection()
 
     def statistics(self) -> BackendStatistics:
         return BackendStatistics(
@@ -386,3 +385,9 @@ class MemoryBackend(Backend):
     async def _fast_forward(self, seconds: float) -> None:
         self.clock.advance(seconds)
         await anyio.lowlevel.checkpoint()
+
+
+@asynccontextmanager
+async def _no_connection() -> AsyncIterator[Never]:
+    raise NoTransactionError("the in-memory backend has no database connections")
+    yield  # pragma: no cover

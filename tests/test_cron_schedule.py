@@ -8,6 +8,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from neoq_anyio import _cron_schedule
 from neoq_anyio._cron_schedule import CronSchedule, derive_queue_name, parse_cron_spec
 from neoq_anyio._exceptions import ConfigurationError
 
@@ -263,6 +264,20 @@ def test_spec_must_be_a_string() -> None:
 def test_direct_construction_validates_the_spec() -> None:
     with pytest.raises(ConfigurationError, match="'nope'"):
         CronSchedule(spec="nope", description="x", queue_name="x")
+
+
+def test_parse_cron_spec_translates_the_spec_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    translate = _cron_schedule._translate
+    calls: list[str] = []
+
+    def counting(spec: str) -> object:
+        calls.append(spec)
+        return translate(spec)
+
+    monkeypatch.setattr(_cron_schedule, "_translate", counting)
+    schedule = parse_cron_spec("*/5 * * * *")
+    assert calls == ["*/5 * * * *"]
+    assert schedule.next_after(START) == START + timedelta(minutes=5)
 
 
 def test_next_after_refuses_a_naive_datetime() -> None:

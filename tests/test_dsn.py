@@ -16,6 +16,7 @@ from neoq_anyio._pg._dsn import (
     PoolOptions,
     parse_connection_string,
 )
+from neoq_anyio._pg._pool import PoolOptionsError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -553,3 +554,21 @@ def test_pool_option_names() -> None:
 def test_pool_options_validate(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ConfigurationError, match=re.escape(message)):
         PoolOptions(**kwargs)  # type: ignore[arg-type]
+
+
+def test_pool_options_error_names_the_field_and_what_is_wrong() -> None:
+    with pytest.raises(PoolOptionsError) as info:
+        PoolOptions(max_conns=4, min_conns=5)
+    assert isinstance(info.value, ConfigurationError)
+    assert str(info.value) == "min_conns must be an integer from 0 to max_conns (4), got 5"
+    assert info.value.option == "min_conns"
+    assert info.value.reason() == "must not exceed max_conns (4)"
+    assert info.value.reason(prefix="pool_") == "must not exceed pool_max_conns (4)"
+
+
+def test_pool_range_error_in_a_connection_string_chains_nothing() -> None:
+    with pytest.raises(ConnectionStringError) as info:
+        parse_connection_string(f"password={SECRET} pool_max_conn_lifetime=-1s")
+    assert str(info.value) == "invalid pool_max_conn_lifetime '-1s': must not be negative"
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote
 
 import psycopg
@@ -27,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from neoq_anyio._durations import DurationSyntaxError, parse_go_duration
 from neoq_anyio._exceptions import ConnectionStringError
 
-from ._pool import PoolOptions, default_max_conns
+from ._pool import PoolOptions, PoolOptionsError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
@@ -58,6 +58,7 @@ _URL_PREFIX = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*)://")
 _SPACE = frozenset(" \t\n\r\f\v")
 _BAD_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _PORT = re.compile(r"[0-9]{1,5}")
+_POOL_COUNTS = ("pool_max_conns", "pool_min_conns")
 _DIGITS = re.compile(r"[0-9]+")
 _INT32_MAX = 2**31 - 1
 _REDACTED = "********"
@@ -516,67 +517,47 @@ def _is_port(piece: str) -> bool:
 
 
 def _parse_pool_options(raw: Mapping[str, str]) -> PoolOptions:
-    """Validate the pool options found in a connection string."""
-    max_conns = _pool_count(raw, "pool_max_conns", minimum=1)
-    if max_conns is None:
-        max_conns = default_max_conns()
-    min_conns = _pool_count(raw, "pool_min_conns", minimum=0) or 0
-    if min_conns > max_conns:
-        raise ConnectionStringError(
-            f"invalid pool_min_conns {raw['pool_min_conns']!r}: must not exceed "
-            f"pool_max_conns ({max_conns})"
-        )
-    defaults = PoolOptions(max_conns=max_conns)
-    return PoolOptions(
-        max_conns=max_conns,
-        min_conns=min_conns,
-        max_conn_lifetime=_pool_duration(raw, "pool_max_conn_lifetime", defaults.max_conn_lifetime),
-        max_conn_idle_time=_pool_duration(
-            raw, "pool_max_conn_idle_time", defaults.max_conn_idle_time
-        ),
-        health_check_period=_pool_duration(
-            raw, "pool_health_check_period", defaults.health_check_period, positive=True
-        ),
-        max_conn_lifetime_jitter=_pool_duration(
-            raw, "pool_max_conn_lifetime_jitter", defaults.max_conn_lifetime_jitter
-        ),
-    )
+    """Build the pool options found in a connection string.
 
-
-def _pool_count(raw: Mapping[str, str], name: str, *, minimum: int) -> int | None:
-    """Parse an integer pool option, or return ``None`` if it is absent."""
-    text = raw.get(name)
-    if text is None:
-        return None
-    if _DIGITS.fullmatch(text):
-        # pgxpool parses these as int32; the length check also spares int() huge inputs.
-        value = int(text) if len(text) <= 10 else _INT32_MAX + 1
-        if value > _INT32_MAX:
-            raise ConnectionStringError(f"invalid {name} {text!r}: must be at most {_INT32_MAX}")
-        if value >= minimum:
-            return value
-    expected = "greater than 0" if minimum > 0 else "greater than or equal to 0"
-    raise ConnectionStringError(f"invalid {name} {text!r}: must be an integer {expected}")
-
-
-def _pool_duration(
-    raw: Mapping[str, str], name: str, default: float, *, positive: bool = False
-) -> float:
-    """Parse a Go duration pool option, or return ``default`` if it is absent."""
-    text = raw.get(name)
-    if text is None:
-        return default
+    This only turns their text into numbers; :class:`PoolOptions` checks the ranges, and
+    its error is reworded here to name the option and its text.
+    """
+    values: dict[str, Any] = {}
+    for name in POOL_OPTION_NAMES:
+        text = raw.get(name)
+        if text is not None:
+            parse = _pool_count if name in _POOL_COUNTS else _pool_duration
+            values[name.removeprefix("pool_")] = parse(name, text)
     try:
-        seconds = parse_go_duration(text)
+        return PoolOptions(**values)
+    except PoolOptionsError as exc:
+        # The defaults are valid, so the culprit is an option the string sets.
+        option = f"pool_{exc.option}"
+        message = f"invalid {option} {raw[option]!r}: {exc.reason(prefix='pool_')}"
+    raise ConnectionStringError(message) from None
+
+
+def _pool_count(name: str, text: str) -> int | str:
+    """Parse an integer pool option as pgxpool does (an int32).
+
+    Text that is not a number is returned as it is, for :class:`PoolOptions` to refuse as
+    it refuses any count that is not an integer.
+    """
+    if not _DIGITS.fullmatch(text):
+        return text
+    # pgxpool parses these as int32; the length check also spares int() huge inputs.
+    value = int(text) if len(text) <= 10 else _INT32_MAX + 1
+    if value > _INT32_MAX:
+        raise ConnectionStringError(f"invalid {name} {text!r}: must be at most {_INT32_MAX}")
+    return value
+
+
+def _pool_duration(name: str, text: str) -> float:
+    """Parse a Go duration pool option into seconds."""
+    try:
+        return parse_go_duration(text)
     except DurationSyntaxError as exc:
         reason = exc.reason
-    else:
-        if positive and seconds <= 0:
-            reason = "must be greater than 0"
-        elif seconds < 0:
-            reason = "must not be negative"
-        else:
-            return seconds
     raise ConnectionStringError(f"invalid {name} {text!r}: {reason}") from None
 
 

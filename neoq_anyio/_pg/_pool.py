@@ -46,7 +46,13 @@ if TYPE_CHECKING:
 
     from ._connection import AnyioConnection
 
-__all__ = ["ConnectionPool", "PoolOptions", "PoolStatistics", "default_max_conns"]
+__all__ = [
+    "ConnectionPool",
+    "PoolOptions",
+    "PoolOptionsError",
+    "PoolStatistics",
+    "default_max_conns",
+]
 
 _IDLE = pq.TransactionStatus.IDLE
 _OK = pq.ConnStatus.OK

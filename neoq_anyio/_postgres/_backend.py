@@ -169,7 +169,9 @@ class PostgresBackend(Backend):
 
     async def _wait_drained(self) -> None:
         queues = list(self._wakeups)
-        while await self._store.count_due(queues) or self.statistics().jobs_in_flight:
+        while True:  # polling: the database announces no "queue empty" event
+            if not (await self._store.count_due(queues) or self.statistics().jobs_in_flight):
+                return
             await anyio.sleep(_DRAIN_POLL)
 
     async def _stored_jobs(self, queue: str | None, *, dead: bool) -> list[Job]:

@@ -75,7 +75,7 @@ class Listener:
             return
         event = self._requested.setdefault(channel, anyio.Event())
         if self._wait_scope is not None:
-            self._wait_scope.cancel()  # the listener task runs the LISTEN
+            self._wait_scope.cancel(reason="a new channel")  # the listener task runs the LISTEN
         await event.wait()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> NoReturn:

@@ -74,9 +74,7 @@ async def _ensure_schema(conn: AnyioConnection) -> bool:
 
     ``conn`` must be in autocommit mode. Returns True if this call migrated.
 
-    Raises:
-        psycopg.Error: the DDL failed (for example, missing privileges); the
-            transaction rolled back, so nothing is half-written.
+    psycopg's errors propagate; ``ensure_schema`` translates them.
     """
     if await _migrated(conn):
         return False

@@ -67,6 +67,9 @@ FutureJobQuery: Final[LiteralString] = (
 
 SAVEPOINT: Final = "neoq_job"
 
+ROLLBACK: Final = "ROLLBACK"
+"""Ends a job transaction that found no job."""
+
 
 _INSERT_JOB: Final = {
     (True, False): (

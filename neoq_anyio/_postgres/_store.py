@@ -1,9 +1,9 @@
 """The job store: every job query of the PostgreSQL backend, in one owner.
 
 Workers, schedulers, cron and the testing helpers ask the store; none of
-them runs SQL or sees a psycopg error. Each method translates psycopg's
-errors into ``DatabaseError`` (through ``neoq_anyio._pg._errors``), so the
-code above knows neoq_anyio's errors only. This is where the management API
+them runs SQL or sees a psycopg error. Each method runs its statements in
+``neoq_anyio._pg._errors.map_errors``, so the code above knows neoq_anyio's
+errors only. This is where the management API
 and lease mode's claims belong too.
 """
 
@@ -11,19 +11,20 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-import psycopg
 from psycopg import pq
 
 from neoq_anyio._exceptions import DatabaseError, DuplicateJobError
 from neoq_anyio._fingerprint import encode_payload
 from neoq_anyio._models import Job
 from neoq_anyio._pg._connection import connect
-from neoq_anyio._pg._errors import map_errors, translate
+from neoq_anyio._pg._errors import map_errors
 
 from . import _sql
 
 if TYPE_CHECKING:
     from datetime import datetime
+
+    import psycopg
 
     from neoq_anyio._log import BackendLog
     from neoq_anyio._outcome import Outcome
@@ -108,7 +109,7 @@ class JobStore:
 
         With no job due, the transaction is rolled back and ``None`` returned.
         """
-        try:
+        with map_errors(self._log.redact, f"cannot take a job from queue {queue!r}"):
             take = self._take.get(queue)
             if take is None:
                 take = self._take[queue] = _sql.take_job(queue, conn)
@@ -116,12 +117,8 @@ class JobStore:
             cur.nextset()  # past BEGIN, to the SELECT's rows
             row = await cur.fetchone()
             if row is None:
-                await conn.execute("ROLLBACK")
+                await conn.execute(_sql.ROLLBACK)
                 return None
-        except psycopg.Error as exc:
-            raise translate(
-                exc, f"cannot take a job from queue {queue!r}", self._log.redact
-            ) from exc
         return _job(row)
 
     def handler_broke_transaction(self, conn: AnyioConnection) -> DatabaseError | None:
@@ -133,10 +130,8 @@ class JobStore:
 
     async def record(self, conn: AnyioConnection, job_id: str, outcome: Outcome) -> None:
         """Record ``outcome`` in the job's transaction on ``conn``, and commit."""
-        try:
+        with map_errors(self._log.redact, f"cannot record job {job_id}"):
             await conn.execute(_sql.record_outcome(job_id, outcome, conn))
-        except psycopg.Error as exc:
-            raise translate(exc, f"cannot record job {job_id}", self._log.redact) from exc
 
     # -- the schedulers ------------------------------------------------------------------
 
