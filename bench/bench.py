@@ -74,6 +74,7 @@ def take_job(queue: str, conn: psycopg.AsyncConnection[Any]) -> str:
 def complete_job(job_id: int, retries: int) -> str:
     """Mark a job processed and commit its transaction."""
     return (
+        "SET CONSTRAINTS ALL IMMEDIATE; "
         "UPDATE neoq_jobs SET status = 'processed', ran_at = now(), error = NULL, "
         f"retries = {retries:d} WHERE id = {job_id:d}; COMMIT"
     )

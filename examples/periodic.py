@@ -26,7 +26,7 @@ async def main() -> None:
         if len(ticks) == 3:
             three.set()
 
-    async with open_backend(os.environ.get("NEOQ_DSN")) as nq:
+    async with open_backend(os.environ.get("NEOQ_DSN", "memory://")) as nq:
         handler = await nq.start_cron("* * * * * *", Handler("", heartbeat))
         print("queue derived from the schedule:", handler.queue)
         with anyio.fail_after(10):

@@ -30,7 +30,8 @@ async def main() -> None:
     async def web_server(nq: object) -> None:
         await done.wait()  # stands in for the rest of your application
 
-    async with open_backend(os.environ.get("NEOQ_DSN")) as nq, trio.open_nursery() as nursery:
+    dsn = os.environ.get("NEOQ_DSN", "memory://")
+    async with open_backend(dsn) as nq, trio.open_nursery() as nursery:
         await nq.start(Handler("images", resize, concurrency=2))
         nursery.start_soon(web_server, nq)
         for name in ("a.png", "b.png", "c.png"):

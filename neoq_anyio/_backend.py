@@ -33,6 +33,7 @@ from ._cron import CronTicker, WallClock
 from ._cron_schedule import parse_cron_spec
 from ._exceptions import ConfigurationError, NeoqError
 from ._log import BackendLog
+from ._models import check_queue_name
 
 if TYPE_CHECKING:
     import logging
@@ -61,8 +62,10 @@ class BackendStatistics:
         jobs_in_flight: jobs running now in this process.
         pool: the connection pool's use (``None`` on the in-memory backend):
             ``size`` (connections open), ``idle``, ``in_use``, ``waiting``
-            (tasks waiting for a connection) and ``max_size``
-            (``pool_max_conns``).
+            (tasks waiting for a connection), ``max_size``
+            (``pool_max_conns``, or what the handlers' concurrency grew it
+            to), and the workers' share: ``worker_in_use`` and
+            ``worker_max_size``.
         listener_reconnects: times the LISTEN connection was re-established.
     """
 
@@ -131,8 +134,10 @@ class Backend(ABC):
 
         Raises:
             NoQueueError: the job has no queue.
-            InvalidJobError: the payload is not a JSON object, a timestamp is
-                naive, or ``max_retries`` is negative.
+            InvalidJobError: the queue name is blank or longer than 63 bytes
+                (UTF-8), the payload is not a JSON object or holds a string
+                with NUL (the error names its key path), a timestamp is naive,
+                or ``max_retries`` is negative. Nothing was stored.
             DuplicateJobError: an unprocessed job with the same queue,
                 fingerprint and status exists; nothing was inserted.
             PoolTimeoutError: no pooled connection was free within
@@ -151,9 +156,10 @@ class Backend(ABC):
         is never missed. Jobs already due on the queue are picked up.
 
         Raises:
-            ConfigurationError: the queue is empty or already has a handler,
-                or the handler's ``job_timeout`` exceeds the backend's
-                ``transaction_timeout`` (the message says which to change).
+            ConfigurationError: the queue is empty, blank, longer than 63
+                bytes or already has a handler, or the handler's
+                ``job_timeout`` exceeds the backend's ``transaction_timeout``
+                (the message says which to change).
             NeoqError: the backend is shut down.
         """
 
@@ -164,7 +170,11 @@ class Backend(ABC):
         Use it as ``async with nq.connection() as conn:``. Statements open a
         transaction; when the block ends, an open transaction is committed,
         or rolled back if the block raised. Pass ``conn`` to ``enqueue`` to
-        enqueue atomically with your own writes.
+        enqueue atomically with your own writes. Your transactions run with
+        the server's ``synchronous_commit``, whatever the backend's option.
+        The session comes back reset: settings, temporary tables, LISTENs,
+        advisory locks, row factories and adapters you set do not outlive
+        the block.
 
         Raises:
             PoolTimeoutError: no pooled connection was free within
@@ -204,13 +214,22 @@ class Backend(ABC):
         missed while every process was down are not replayed.
 
         Raises:
-            ConfigurationError: the spec is malformed (nothing is scheduled),
-                or the handler is refused as by ``start``.
+            ConfigurationError: the spec is malformed, the queue name derived
+                from it is longer than 63 bytes (name the handler's queue
+                instead), or the handler is refused as by ``start``; nothing
+                is scheduled.
             NeoqError: the backend is shut down.
         """
         self._check_open()
         schedule = parse_cron_spec(spec, tz=timezone)
         if not handler.queue:
+            try:
+                check_queue_name(schedule.queue_name, ConfigurationError)
+            except ConfigurationError as exc:
+                raise ConfigurationError(
+                    f"cron spec {spec!r} names no usable queue ({exc}): give the Handler "
+                    "a queue name"
+                ) from None
             handler = dataclasses.replace(handler, queue=schedule.queue_name)
         await self.start(handler)
         ticker = CronTicker(
@@ -240,8 +259,7 @@ class Backend(ABC):
             self._stop_intake()
             with anyio.move_on_after(self._options.shutdown_timeout, shield=True):
                 await self._wait_workers()
-            for scope in self._worker_scopes:
-                scope.cancel(reason="shutdown_timeout passed")
+            self._cancel_jobs("shutdown_timeout passed")
             # Cancelled workers roll their jobs back as they leave; wait for
             # that before closing the pool under them.
             with anyio.move_on_after(_CANCEL_GRACE, shield=True):
@@ -251,6 +269,12 @@ class Backend(ABC):
             self._close()
         finally:
             self._closed.set()
+
+    def _cancel_jobs(self, reason: str) -> None:
+        """Cancel the jobs in flight now (they stay queued); the command
+        line's second signal calls this during ``shutdown()``."""
+        for scope in self._worker_scopes:
+            scope.cancel(reason=reason)
 
     # -- what each backend provides ------------------------------------------------------
 
@@ -311,14 +335,15 @@ class Backend(ABC):
         """Check a handler before ``start`` and record it.
 
         Raises:
-            ConfigurationError: empty or taken queue, or a job_timeout above
-                transaction_timeout.
+            ConfigurationError: an empty, unusable (``check_queue_name``) or
+                taken queue, or a job_timeout above transaction_timeout.
             NeoqError: the backend is shut down.
         """
         self._check_open()
         queue = handler.queue
         if not queue:
             raise ConfigurationError("the handler has no queue: give Handler a queue name")
+        check_queue_name(queue, ConfigurationError)
         if queue in self._handlers:
             raise ConfigurationError(f"queue {queue!r} already has a handler")
         limit = self._options.transaction_timeout

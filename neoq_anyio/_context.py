@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+from weakref import WeakSet
 
 from ._exceptions import NoJobError, NoTransactionError
 
@@ -20,6 +21,12 @@ _job: ContextVar[Job | None] = ContextVar("neoq_anyio_job", default=None)
 _transaction: ContextVar[psycopg.AsyncConnection[object] | None] = ContextVar(
     "neoq_anyio_transaction", default=None
 )
+
+# Connections current_transaction() handed to user code. The PostgreSQL
+# backend's pool resets those as they come back (``ConnectionPool.lend``), so
+# what a handler changes on its connection never reaches the next job or
+# enqueue; a handler that never asks for its transaction costs no reset.
+_lent: WeakSet[Any] = WeakSet()
 
 
 def current_job() -> Job:
@@ -41,6 +48,10 @@ def current_transaction() -> psycopg.AsyncConnection[object]:
     roll back if the job fails. Do not commit or roll back on it yourself;
     use ``async with conn.transaction():`` for a savepoint.
 
+    What you change on the connection (its row factory, adapters, session
+    settings, LISTENs, temporary tables, advisory locks) lasts until the job
+    ends: the connection is then reset before anything else uses it.
+
     Raises:
         NoTransactionError: called outside a job, or on a backend without
             transactions (the in-memory backend).
@@ -48,4 +59,5 @@ def current_transaction() -> psycopg.AsyncConnection[object]:
     conn = _transaction.get()
     if conn is None:
         raise NoTransactionError("current_transaction() called outside a job's transaction")
+    _lent.add(conn)
     return conn

@@ -35,8 +35,10 @@ class ConfigurationError(NeoqError, ValueError):
 
 
 class InvalidJobError(NeoqError, ValueError):
-    """A job cannot be enqueued as given: its payload is not a JSON object, a
-    timestamp is naive, or ``max_retries`` is negative. Nothing was inserted."""
+    """A job cannot be enqueued as given: its queue name is blank or over 63
+    bytes, its payload is not a JSON object or holds a string with NUL, its
+    fingerprint is not a string, a timestamp is naive, or ``max_retries`` is
+    out of range. Nothing was inserted."""
 
 
 class NoQueueError(InvalidJobError):

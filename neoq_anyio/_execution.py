@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import traceback
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -62,13 +63,22 @@ async def call_handler(
     timeout: float | None,
     transaction: psycopg.AsyncConnection[Any] | None = None,
 ) -> Exception | None:
-    """``run_handler`` under the handler's timeout (a cancel scope of its own)."""
+    """``run_handler`` under the handler's timeout (a cancel scope of its own).
+
+    A run that reached its timeout failed with ``timeout_error``, even when the
+    handler caught the cancellation and returned (or raised something else).
+    """
+    exc = None
     with anyio.CancelScope() as scope:
         if timeout is not None:
             scope.deadline = anyio.current_time() + timeout
         exc = await run_handler(handler, job, transaction)
-    if scope.cancelled_caught:
-        return timeout_error(timeout)
+    # cancel_called, not cancelled_caught: a handler that swallows the
+    # cancellation must not turn a timeout into a success.
+    if scope.cancel_called:
+        error = timeout_error(timeout)
+        error.__context__ = exc
+        return error
     return exc
 
 
@@ -107,17 +117,29 @@ class WorkerTimer:
         """No job runs (the worker idles, or calls a recover callback)."""
         self._scope.deadline = math.inf
 
+    def fired(self) -> bool:
+        """Whether the scope fired: the running job reached its timeout, even
+        if its handler caught the cancellation and returned."""
+        return self._scope.cancel_called
+
     def error(self) -> JobTimeoutError:
         return timeout_error(self.timeout)
 
 
 async def report(
-    outcome: Outcome, job: Job, callback: RecoverCallback | None, log: BackendLog
+    outcome: Outcome,
+    job: Job,
+    callback: RecoverCallback | None,
+    log: BackendLog,
+    *,
+    recorded: bool = True,
 ) -> None:
-    """Log a recorded outcome, then call the recover callback for a handler's error.
+    """Log an outcome, then call the recover callback for a handler's error.
 
-    Successes are not logged above DEBUG. A recover callback's own errors
-    are logged, never raised.
+    Successes are not logged above DEBUG; failures are logged with their
+    traceback. ``recorded=False`` says the outcome could not be stored, so the
+    job will run again. A recover callback's own errors are logged, never
+    raised.
     """
     if outcome.kind == "processed":
         if log.logger.isEnabledFor(logging.DEBUG):
@@ -128,14 +150,24 @@ async def report(
     if not outcome.ran:
         log.warning("job %s on queue %s not run: %s", job.id, job.queue, outcome.exc, extra=extra)
         return
-    log.error(
-        "job %s on queue %s failed (%s): %s",
-        job.id,
-        job.queue,
-        "moved to dead jobs" if outcome.kind == "dead" else f"retry in {outcome.delay:g} s",
-        outcome.error,
-        extra=extra,
-    )
+    if log.logger.isEnabledFor(logging.ERROR):
+        if not recorded:
+            then = "not recorded: it will run again"
+        elif outcome.kind == "dead":
+            then = "moved to dead jobs"
+        else:
+            then = f"retry in {outcome.delay:g} s"
+        exc_info, traceback_text = _traceback(outcome.exc, log)
+        log.error(
+            "job %s on queue %s failed (%s): %s%s",
+            job.id,
+            job.queue,
+            then,
+            outcome.error,
+            traceback_text,
+            extra=extra,
+            exc_info=exc_info,
+        )
     if callback is None or outcome.exc is None:
         return
     try:
@@ -144,3 +176,16 @@ async def report(
             await result
     except Exception:
         log.exception("recover callback failed for job %s", job.id, extra=extra)
+
+
+def _traceback(exc: BaseException | None, log: BackendLog) -> tuple[BaseException | None, str]:
+    """How to log ``exc``'s traceback: as the record's ``exc_info`` (what log
+    handlers and error trackers expect), or, when its text holds a secret the
+    log redacts, as redacted text appended to the message (``BackendLog``
+    redacts messages, but a formatter prints ``exc_info`` as it is)."""
+    if exc is None or exc.__traceback__ is None:
+        return None, ""  # never raised (a timeout): nothing to show
+    text = "".join(traceback.format_exception(exc)).rstrip()
+    if log.redact(text) == text:
+        return exc, ""
+    return None, "\n" + text  # BackendLog redacts the whole message

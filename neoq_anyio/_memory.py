@@ -250,6 +250,11 @@ class MemoryBackend(Backend):
                         running = job
                         self._in_flight += 1
                         exc = await run_handler(handler, seen)
+                        if timer.fired():
+                            # The handler caught its timeout's cancellation and
+                            # went on: still a timeout, concluded below, out of
+                            # the cancelled scope.
+                            break
                         self._in_flight -= 1
                         running = None
                         outcome = decide(seen, exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import reprlib
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
@@ -15,7 +16,18 @@ from ._exceptions import ConfigurationError, InvalidJobError, NoQueueError
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Mapping
 
-__all__ = ["DEFAULT_CONCURRENCY", "DEFAULT_JOB_TIMEOUT", "Handler", "Job", "JobStatus"]
+    from ._exceptions import NeoqError
+
+__all__ = [
+    "DEFAULT_CONCURRENCY",
+    "DEFAULT_JOB_TIMEOUT",
+    "MAX_QUEUE_NAME_BYTES",
+    "Handler",
+    "Job",
+    "JobStatus",
+    "check_queue_name",
+    "validate_job",
+]
 
 JobStatus: TypeAlias = Literal["new", "processed", "failed"]
 
@@ -24,6 +36,15 @@ DEFAULT_CONCURRENCY = 50
 
 DEFAULT_JOB_TIMEOUT = 30.0
 """Seconds a handler may run before it is cancelled (Go neoq's value)."""
+
+MAX_QUEUE_NAME_BYTES = 63
+"""The longest queue name, in UTF-8 bytes: PostgreSQL's limit on channel names
+(NAMEDATALEN - 1). Longer names would be truncated by LISTEN but refused by
+``pg_notify``, so a job on such a queue could never be announced."""
+
+_MAX_INT4 = 2**31 - 1  # PostgreSQL's integer, the type of max_retries
+_REPR = reprlib.Repr()
+_REPR.maxstring = 40
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,54 +93,114 @@ class Job:
         The one way backends set the read-only fields: a ``Job`` users hold
         never changes, backends store and hand out new ones.
         """
+        unknown = changes.keys() - _JOB_FIELD_SET
+        if unknown:
+            raise TypeError(f"Job has no field {unknown.pop()!r}")
         job = object.__new__(Job)
+        set_ = object.__setattr__
         for name in _JOB_FIELDS:
-            object.__setattr__(job, name, changes.pop(name, getattr(self, name)))
-        if changes:
-            raise TypeError(f"Job has no field {next(iter(changes))!r}")
+            set_(job, name, changes[name] if name in changes else getattr(self, name))
         return job
 
     @classmethod
     def _from_row(cls, row: Mapping[str, Any]) -> Job:
         """Rebuild a job as stored (a row by column name); timestamps in UTC."""
-        return _BLANK._evolve(
-            id=str(row["id"]),
-            queue=row["queue"],
-            payload=row["payload"],
-            fingerprint=row["fingerprint"],
-            status=row["status"],
-            run_after=_utc(row["run_after"]),
-            deadline=_utc(row["deadline"]),
-            max_retries=row["max_retries"],
-            retries=row["retries"] or 0,
-            ran_at=_utc(row["ran_at"]),
-            error=row["error"] or None,  # Go neoq stores "" for no error
-            created_at=_utc(row["created_at"]),
-        )
+        # Every field is set here, so no copy of another job is needed (hot path).
+        job = object.__new__(cls)
+        set_ = object.__setattr__
+        set_(job, "id", str(row["id"]))
+        set_(job, "queue", row["queue"])
+        set_(job, "payload", row["payload"])
+        set_(job, "fingerprint", row["fingerprint"])
+        set_(job, "status", row["status"])
+        set_(job, "run_after", _utc(row["run_after"]))
+        set_(job, "deadline", _utc(row["deadline"]))
+        set_(job, "max_retries", row["max_retries"])
+        set_(job, "retries", row["retries"] or 0)
+        set_(job, "ran_at", _utc(row["ran_at"]))
+        set_(job, "error", row["error"] or None)  # Go neoq stores "" for no error
+        set_(job, "created_at", _utc(row["created_at"]))
+        return job
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
-_BLANK = Job("")
+_JOB_FIELD_SET = frozenset(_JOB_FIELDS)
 
 
 def _utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC) if value is not None else None
 
 
+def check_queue_name(queue: object, error: type[NeoqError]) -> None:
+    """Refuse a queue name PostgreSQL cannot use: the rule both backends apply.
+
+    A queue name is a ``str`` of 1 to ``MAX_QUEUE_NAME_BYTES`` (63) bytes in
+    UTF-8, not blank (whitespace only), without NUL. Jobs, handlers and cron
+    queues all go through this check, so both backends refuse the same names.
+
+    Args:
+        queue: the name to check.
+        error: the exception to raise (``InvalidJobError`` for a job,
+            ``ConfigurationError`` for a handler).
+
+    Raises:
+        NeoqError: ``error``, with a message saying what is wrong.
+    """
+    if not isinstance(queue, str):
+        raise error(f"a queue name must be a str, got {type(queue).__name__}")
+    if not queue:
+        raise error("the queue name is empty")
+    try:
+        size = len(queue.encode())
+    except UnicodeEncodeError:
+        size = -1
+    if size <= MAX_QUEUE_NAME_BYTES and not queue.isspace() and "\x00" not in queue and size > 0:
+        return  # the usual case, kept cheap: enqueue checks every job
+    shown = _REPR.repr(queue)
+    if queue.isspace():
+        raise error(f"the queue name {shown} is blank")
+    if "\x00" in queue:
+        raise error(f"the queue name {shown} contains NUL, which PostgreSQL cannot store")
+    if size < 0:
+        raise error(f"the queue name {shown} is not valid Unicode (a lone surrogate)")
+    raise error(
+        f"the queue name {shown} is {size} bytes in UTF-8; PostgreSQL allows at most "
+        f"{MAX_QUEUE_NAME_BYTES} (its limit on channel names)"
+    )
+
+
 def validate_job(job: Job) -> None:
-    """Check a job before it is enqueued.
+    """Check a job before it is enqueued, on either backend.
+
+    What only shows once the payload is encoded (values JSON cannot hold,
+    NUL or lone surrogates in its strings) is refused by
+    ``_fingerprint.encode_payload``, which both backends call next.
 
     Raises:
         NoQueueError: the queue is empty.
-        InvalidJobError: a naive timestamp, a negative ``max_retries``, or a
-            payload that is not a dict (JSON object) or None.
+        InvalidJobError: a blank, too long or otherwise unusable queue name
+            (see ``check_queue_name``), a naive timestamp, a ``max_retries``
+            that is negative or beyond PostgreSQL's integer, a payload that
+            is not a dict (JSON object) or None, or a fingerprint that is not
+            a str PostgreSQL can store.
     """
-    if not isinstance(job.queue, str) or not job.queue:
+    if job.queue is None or job.queue == "":
         raise NoQueueError("the job has no queue: give Job a queue name")
+    check_queue_name(job.queue, InvalidJobError)
     if job.payload is not None and not isinstance(job.payload, dict):
         raise InvalidJobError(
             f"the payload must be a JSON object (a dict) or None, got {type(job.payload).__name__}"
         )
+    fingerprint = job.fingerprint
+    if fingerprint is not None:
+        if not isinstance(fingerprint, str):
+            raise InvalidJobError(f"fingerprint must be a str or None, got {fingerprint!r}")
+        if "\x00" in fingerprint:
+            raise InvalidJobError("fingerprint contains NUL, which PostgreSQL cannot store")
+        try:
+            fingerprint.encode()
+        except UnicodeEncodeError:
+            raise InvalidJobError("fingerprint is not valid Unicode (a lone surrogate)") from None
     for name in ("run_after", "deadline"):
         value = getattr(job, name)
         if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
@@ -127,8 +208,8 @@ def validate_job(job: Job) -> None:
     retries = job.max_retries
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
         raise InvalidJobError(f"max_retries must be an int or None, got {retries!r}")
-    if retries is not None and retries < 0:
-        raise InvalidJobError(f"max_retries must not be negative, got {retries}")
+    if retries is not None and not 0 <= retries <= _MAX_INT4:
+        raise InvalidJobError(f"max_retries must be between 0 and {_MAX_INT4}, got {retries}")
 
 
 HandleFunc: TypeAlias = "Callable[[Job], Awaitable[Any]]"
@@ -140,8 +221,9 @@ class Handler:
     """Runs the jobs of one queue.
 
     Args:
-        queue: the queue to process. ``""`` with ``start_cron`` derives the
-            queue name from the schedule.
+        queue: the queue to process: 1 to 63 bytes in UTF-8, not blank.
+            ``""`` with ``start_cron`` derives the queue name from the
+            schedule.
         handle: ``async def handle(job: Job) -> None``. Returning marks the
             job processed; raising marks it failed (and retried with backoff).
         concurrency: at most this many jobs of the queue run at once in this
@@ -158,8 +240,9 @@ class Handler:
             ``recovery_callback``.
 
     Raises:
-        ConfigurationError: a non-positive concurrency, a negative timeout,
-            or a ``handle`` that is not an async callable.
+        ConfigurationError: a blank or too long queue name, a non-positive
+            concurrency, a negative timeout, or a ``handle`` that is not an
+            async callable.
     """
 
     queue: str
@@ -170,8 +253,8 @@ class Handler:
     recover_callback: RecoverCallback | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.queue, str):
-            raise ConfigurationError(f"queue must be a str, got {self.queue!r}")
+        if self.queue != "":  # "" is start_cron's "derive it"; start() refuses it
+            check_queue_name(self.queue, ConfigurationError)
         if not callable(self.handle):
             raise ConfigurationError(f"handle must be an async callable, got {self.handle!r}")
         if not _is_async_callable(self.handle):

@@ -15,9 +15,10 @@ import anyio
 
 from ._backend import Options
 from ._durations import to_seconds
-from ._exceptions import ConnectionStringError
+from ._exceptions import ConfigurationError, ConnectionStringError
 from ._memory import MemoryBackend
 from ._postgres._backend import PostgresBackend
+from ._postgres._sql import idle_timeout_ms
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
@@ -26,15 +27,17 @@ if TYPE_CHECKING:
     from ._backend import Backend
     from ._models import RecoverCallback
 
-__all__ = ["DEFAULT_CONNECTION_TIMEOUT", "open_backend"]
+__all__ = ["DEFAULT_CONNECTION_TIMEOUT", "lone_exception", "open_backend"]
 
 DEFAULT_CONNECTION_TIMEOUT = 30.0
 """Seconds to wait for a pooled connection before ``PoolTimeoutError`` (Go neoq's default)."""
 
 _MEMORY = "memory://"
+# idle_in_transaction_session_timeout is an int of milliseconds.
+_MAX_IDLE_TIMEOUT_MS = 2**31 - 1
 
 
-def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+def lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The single exception inside nested one-member groups, if that is all there is."""
     exc: BaseException = group
     while isinstance(exc, BaseExceptionGroup):
@@ -46,7 +49,7 @@ def _unwrap(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
 
 @asynccontextmanager
 async def open_backend(
-    connection_string: str | None = None,
+    connection_string: str = _MEMORY,
     *,
     connection_timeout: float | timedelta = DEFAULT_CONNECTION_TIMEOUT,
     synchronous_commit: bool = False,
@@ -63,7 +66,10 @@ async def open_backend(
     Args:
         connection_string: a ``postgres://`` / ``postgresql://`` URL or a
             libpq ``key=value`` string, with Go neoq's ``pool_*`` options; or
-            ``None`` / ``"memory://"`` for the in-memory backend.
+            ``"memory://"`` (the default, when it is left out) for the
+            in-memory backend. ``None``, typically an unset environment
+            variable, is refused rather than taken to mean memory, so a
+            missing setting never silently keeps jobs in memory.
         connection_timeout: seconds ``enqueue`` and ``connection()`` wait for
             a pooled connection before ``PoolTimeoutError`` (30; above 0).
         synchronous_commit: keep PostgreSQL's ``synchronous_commit`` for
@@ -73,7 +79,9 @@ async def open_backend(
             through the backend's pool in that moment is lost.
         transaction_timeout: seconds a job's transaction may sit idle
             (PostgreSQL's ``idle_in_transaction_session_timeout``, 30);
-            0 means no bound. A handler's ``job_timeout`` may not exceed it.
+            0 means no bound. PostgreSQL takes at most about 24.8 days
+            there, margin included, so about 22 days is the most it may be.
+            A handler's ``job_timeout`` may not exceed it.
         job_check_interval: seconds between looks for future jobs (1; above 0).
         pending_job_check_interval: seconds between looks for due jobs no
             notification announced (60; above 0).
@@ -99,19 +107,35 @@ async def open_backend(
     several come out as an ``ExceptionGroup``.
 
     Raises:
-        ConnectionStringError: the connection string is empty, malformed or
-            of an unknown scheme.
+        ConnectionStringError: the connection string is ``None``, empty,
+            malformed or of an unknown scheme.
         ConfigurationError: an option is out of range.
         DatabaseError: the database cannot be reached or set up.
     """
-    if connection_string is not None and not isinstance(connection_string, str):
-        raise ConnectionStringError("the connection string must be a str or None")
+    if connection_string is None:
+        raise ConnectionStringError(
+            "the connection string is None (an unset environment variable?): pass a "
+            f"PostgreSQL connection string, or {_MEMORY!r} for the in-memory backend"
+        )
+    if not isinstance(connection_string, str):
+        raise ConnectionStringError(
+            f"the connection string must be a str, got {type(connection_string).__name__}"
+        )
+    transaction_seconds = to_seconds(transaction_timeout, name="transaction_timeout")
+    # Refused on both backends alike, though only PostgreSQL sessions use it.
+    idle_ms = idle_timeout_ms(transaction_seconds)
+    if idle_ms > _MAX_IDLE_TIMEOUT_MS:
+        raise ConfigurationError(
+            f"transaction_timeout={transaction_seconds:g} s is too long: it makes "
+            f"PostgreSQL's idle_in_transaction_session_timeout {idle_ms} ms, above its "
+            f"limit of {_MAX_IDLE_TIMEOUT_MS} ms (about 24.8 days); 0 means no bound"
+        )
     options = Options(
         connection_timeout=to_seconds(
             connection_timeout, name="connection_timeout", allow_zero=False
         ),
         synchronous_commit=bool(synchronous_commit),
-        transaction_timeout=to_seconds(transaction_timeout, name="transaction_timeout"),
+        transaction_timeout=transaction_seconds,
         job_check_interval=to_seconds(
             job_check_interval, name="job_check_interval", allow_zero=False
         ),
@@ -124,7 +148,7 @@ async def open_backend(
         logger=logger or logging.getLogger("neoq_anyio"),
     )
     backend: Backend
-    if connection_string is None or connection_string.strip() == _MEMORY:
+    if connection_string.strip() == _MEMORY:
         backend = MemoryBackend(options)
     else:
         backend = PostgresBackend(connection_string, options)
@@ -137,7 +161,7 @@ async def open_backend(
             finally:
                 await backend.shutdown()
     except BaseExceptionGroup as group:
-        lone = _unwrap(group)
+        lone = lone_exception(group)
         if lone is None:
             raise
         cause, context = lone.__cause__, lone.__context__

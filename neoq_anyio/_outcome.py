@@ -22,7 +22,21 @@ if TYPE_CHECKING:
 
     from ._models import Job
 
-__all__ = ["Outcome", "as_run", "backoff_seconds", "decide", "describe_error", "refuse_to_run"]
+__all__ = [
+    "Outcome",
+    "after_failed_record",
+    "as_run",
+    "backoff_seconds",
+    "decide",
+    "describe_error",
+    "hold_back_seconds",
+    "refuse_to_run",
+    "storable_text",
+]
+
+MAX_ERROR_CHARS = 10_000
+"""Longest error text stored; longer messages are cut (a payload quoted in an
+exception message must not bloat every row it fails)."""
 
 
 def backoff_seconds(retries: int, *, jitter: int | None = None) -> int:
@@ -36,9 +50,35 @@ def backoff_seconds(retries: int, *, jitter: int | None = None) -> int:
 
 
 def describe_error(exc: BaseException) -> str:
-    """The text stored in a failed job's ``error`` column."""
-    message = str(exc)
-    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    """The text stored in a failed job's ``error`` column: ``"Type: message"``.
+
+    Never raises, whatever the exception: a ``str()`` that raises is named
+    instead of its message, and the text is made storable (``storable_text``).
+    """
+    name = type(exc).__name__
+    try:
+        message = str(exc)
+    except Exception as broken:  # a user's __str__; the job must still be recorded
+        message = f"<str() raised {type(broken).__name__}>"
+    return storable_text(f"{name}: {message}" if message else name)
+
+
+def storable_text(text: str) -> str:
+    """``text`` as a PostgreSQL text column takes it, and capped in length.
+
+    A NUL, which PostgreSQL refuses in text, becomes ``\\x00``; a lone
+    surrogate, which cannot be encoded at all, becomes its ``\\udXXX``
+    escape; past ``MAX_ERROR_CHARS`` characters the text is cut, saying so.
+    """
+    if len(text) > MAX_ERROR_CHARS:
+        text = f"{text[:MAX_ERROR_CHARS]}... ({len(text) - MAX_ERROR_CHARS} more characters)"
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode(errors="backslashreplace").decode()
+    return text
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,3 +136,22 @@ def decide(job: Job, exc: BaseException | None) -> Outcome:
     if job.max_retries is not None and retries >= job.max_retries:
         return Outcome("dead", retries, error, exc=exc)
     return Outcome("retry", retries, error, delay=backoff_seconds(retries), exc=exc)
+
+
+def after_failed_record(job: Job, outcome: Outcome, error: BaseException) -> Outcome:
+    """What to record in a new transaction when the job's own transaction could
+    not record ``outcome`` for ``job`` (as run), failing with ``error``.
+
+    That transaction is gone, and the handler's writes with it, so a run that
+    succeeded is a failure now, with ``error``'s text: the run counts, and
+    backoff applies. A failure, or a job refused unrun, keeps its outcome.
+    """
+    return decide(job, error) if outcome.kind == "processed" else outcome
+
+
+def hold_back_seconds(failures: int) -> float:
+    """How long a process leaves alone a job whose outcome it failed to record
+    ``failures`` times in a row, even in a new transaction: 1 s, doubling up to
+    10 minutes. The job stays due in the database (nothing could be written),
+    so this is what keeps it from running again at once, for ever."""
+    return float(min(2 ** min(failures - 1, 10), 600))

@@ -6,7 +6,9 @@ Rules for tests in this suite:
   ``anyio_backend`` fixture below); nothing is mocked: tests talk to a real
   PostgreSQL.
 * Without ``NEOQ_TEST_DSN`` the session starts an embedded PostgreSQL
-  (``pgserver``) in a temporary directory; with it, tests use that server.
+  (``pgserver``) in a temporary directory; with it, tests use that server,
+  and restart it (for the tests that need a restart) with the shell command
+  in ``NEOQ_TEST_RESTART_COMMAND``; without that command those tests skip.
 * Each test gets a schema of its own (``dsn`` fixture: a connection string
   whose search_path names a fresh schema), so tests cannot see each other's
   jobs.
@@ -24,7 +26,9 @@ from __future__ import annotations
 import inspect
 import os
 import shutil
+import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
@@ -57,7 +61,8 @@ def pytest_pycollect_makeitem(collector: pytest.Collector, name: str, obj: objec
 
 
 class Server:
-    """The PostgreSQL the tests use; ``restart`` is None for an external server."""
+    """The PostgreSQL the tests use; ``restart`` is None for an external server
+    without ``NEOQ_TEST_RESTART_COMMAND``."""
 
     def __init__(self, dsn: str, restart: Callable[[], None] | None = None) -> None:
         self.dsn = dsn
@@ -68,7 +73,8 @@ class Server:
 def server() -> Iterator[Server]:
     given = os.environ.get("NEOQ_TEST_DSN")
     if given:
-        yield Server(given)
+        command = os.environ.get("NEOQ_TEST_RESTART_COMMAND", "").strip()
+        yield Server(given, restart_with(command, given) if command else None)
         return
     import pgserver
     from pgserver._commands import pg_ctl
@@ -91,6 +97,25 @@ def server() -> Iterator[Server]:
         shutil.rmtree(datadir, ignore_errors=True)
 
 
+def restart_with(command: str, dsn: str) -> Callable[[], None]:
+    """Restart an external server: run ``command`` in a shell, then wait until
+    the server at ``dsn`` accepts connections again (both bounded)."""
+
+    def restart() -> None:
+        subprocess.run(command, shell=True, check=True, timeout=120)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with psycopg.connect(dsn, connect_timeout=2):
+                    return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    return restart
+
+
 @pytest.fixture(scope="session")
 def server_dsn(server: Server) -> str:
     """A libpq conninfo for a database the tests may create schemas in."""
@@ -100,6 +125,18 @@ def server_dsn(server: Server) -> str:
 def with_params(dsn: str, **params: str) -> str:
     """The same connection string as libpq key=value, with some params set."""
     return make_conninfo(dsn, **params)
+
+
+@pytest.fixture(params=["postgres", "memory"])
+def backend_kind(request: pytest.FixtureRequest) -> str:
+    """Which backend a test written for both runs on."""
+    return str(request.param)
+
+
+@pytest.fixture
+def connection_string(backend_kind: str, request: pytest.FixtureRequest) -> str:
+    """The connection string of ``backend_kind``: the test's schema, or memory."""
+    return str(request.getfixturevalue("dsn")) if backend_kind == "postgres" else "memory://"
 
 
 @pytest.fixture

@@ -31,18 +31,8 @@ from neoq_anyio.testing import dead_jobs, drain, enqueued, fast_forward
 from .test_processing import FAST
 
 
-@pytest.fixture(params=["postgres", "memory"])
-def backend_kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest.fixture
-def connection_string(backend_kind: str, request: pytest.FixtureRequest) -> str | None:
-    return str(request.getfixturevalue("dsn")) if backend_kind == "postgres" else None
-
-
 @asynccontextmanager
-async def opened(connection_string: str | None, **options: Any) -> AsyncIterator[Backend]:
+async def opened(connection_string: str, **options: Any) -> AsyncIterator[Backend]:
     async with open_backend(connection_string, **{**FAST, **options}) as nq:
         yield nq
 

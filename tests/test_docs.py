@@ -21,7 +21,8 @@ comment on the line before a block's fence says how it runs:
 * ``<!-- not-run -->``: a fragment, only compiled (top-level ``await``
   allowed), and its ``neoq_anyio`` imports checked. Keep these few.
 
-The ``sql`` blocks run too, on a fresh schema neoq_anyio set up.
+The ``sql`` blocks run too, on a fresh schema neoq_anyio set up, unless
+marked ``<!-- not-run -->`` (a test of their own covers those).
 
 Samples finish by themselves: they wait on events or ``drain()``, never on
 ``sleep_forever()``. README.md's Python blocks are fragments: they are
@@ -120,7 +121,11 @@ def extract(path: Path, *, default_mode: str = "module") -> list[Sample]:
         language = info.split()[0] if info else ""
         body = "\n".join(line.removeprefix(indent) for line in lines[i + 1 : end]) + "\n"
         if language == "sql":
-            samples.append(Sample(path, i + 2, body, "sql"))
+            previous = next((lines[j] for j in range(i - 1, -1, -1) if lines[j].strip()), "")
+            # A not-run sql block (say, grants to a role of the reader's) is
+            # checked by the test that covers it instead.
+            if not _MARKER.match(previous):
+                samples.append(Sample(path, i + 2, body, "sql"))
         elif language.startswith("py"):
             assert language == "python", (
                 f"{path}:{i + 1}: write ```python so the sample is found and run"

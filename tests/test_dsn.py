@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import socket
 from typing import TYPE_CHECKING
 
+import anyio
 import pytest
 from psycopg.conninfo import conninfo_to_dict
 
-from neoq_anyio._exceptions import ConfigurationError, ConnectionStringError
+from neoq_anyio import open_backend
+from neoq_anyio._exceptions import ConfigurationError, ConnectionStringError, DatabaseError
 from neoq_anyio._pg._dsn import (
     POOL_OPTION_NAMES,
     ConnectionSettings,
@@ -78,6 +82,23 @@ def exception_chain(exc: BaseException) -> Iterator[BaseException]:
             "postgres://app:pa?ss@db/app",
             {"user": "app", "password": "pa?ss", "host": "db", "dbname": "app"},
             id="url-raw-question-mark-in-password",
+        ),
+        pytest.param(
+            "postgresql://app:p@ss@db/app",
+            {"user": "app", "password": "p@ss", "host": "db", "dbname": "app"},
+            id="url-raw-at-sign-in-password",
+        ),
+        pytest.param(
+            "postgres://me@corp:p@s@s@db:5432/app?application_name=a@b",
+            {
+                "user": "me@corp",
+                "password": "p@s@s",
+                "host": "db",
+                "port": "5432",
+                "dbname": "app",
+                "application_name": "a@b",
+            },
+            id="url-raw-at-signs-in-user-password-and-query",
         ),
         pytest.param(
             "postgres://u@h1:5432,h2:5433/app",
@@ -365,6 +386,9 @@ def test_min_conns_above_max_conns() -> None:
         pytest.param(f"postgres://h/db?password={SECRET}%zz", id="url-query-password-percent"),
         pytest.param(f"postgres://h/db?password={SECRET}=x", id="url-query-password-equals"),
         pytest.param(f"postgres://u:{SECRET}@h/db?pool_min_conns=-1", id="url-bad-pool"),
+        pytest.param(f"postgres://u:p@{SECRET}@host:notaport/db", id="url-at-sign-bad-port"),
+        pytest.param(f"postgres://u:p@{SECRET}@h/db?foo=1", id="url-at-sign-unknown-param"),
+        pytest.param(f"postgres://u:p@{SECRET}@[::1/db", id="url-at-sign-unclosed-bracket"),
         pytest.param(f"mysql://u:{SECRET}@h/db", id="unknown-scheme"),
         pytest.param(f"host=db sslpassword={SECRET} x", id="dsn-sslpassword"),
     ],
@@ -391,15 +415,37 @@ def test_libpq_message_naming_only_a_key_is_kept() -> None:
     [
         pytest.param(f"postgres://app:{SECRET}@db:5432/app", id="url"),
         pytest.param(f"host=db port=5432 user=app password={SECRET} dbname=app", id="dsn"),
+        pytest.param(f"postgres://app:p@{SECRET}@db:5432/app", id="url-raw-at-sign"),
     ],
 )
 def test_password_not_in_repr_or_describe(text: str) -> None:
     settings = parse_connection_string(text)
-    assert settings.password == SECRET
+    assert settings.password is not None
+    assert settings.password.endswith(SECRET)
     assert SECRET in settings.conninfo  # libpq needs it
     assert settings.describe() == "user=app host=db port=5432 dbname=app"
     for rendered in (repr(settings), str(settings), settings.describe()):
         assert SECRET not in rendered
+
+
+async def test_raw_at_sign_in_a_url_password_never_leaks_when_connecting(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # libpq alone would read the password "p" and the host "s3cr3t@127.0.0.1",
+    # and its "could not translate host name" error would quote the rest.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    text = f"postgresql://app:p@{SECRET}@127.0.0.1:{port}/app?connect_timeout=2"
+    with caplog.at_level(logging.DEBUG), pytest.raises(DatabaseError) as info:
+        with anyio.fail_after(20):
+            async with open_backend(text):
+                pytest.fail("the body must not run")
+    assert f"port {port}" in str(info.value)  # the right host was tried
+    for exc in exception_chain(info.value):
+        for rendered in (str(exc), repr(exc), *map(str, exc.args)):
+            assert "cr3t" not in rendered
+    assert all("cr3t" not in record.getMessage() for record in caplog.records)
 
 
 # --- ConnectionSettings -------------------------------------------------------------

@@ -2,18 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from datetime import UTC, datetime, timedelta
 
 import anyio
 import anyio.lowlevel
+import psycopg
 import pytest
 
-from neoq_anyio import ConfigurationError, Handler, Job, JobTimeoutError, current_transaction
+from neoq_anyio import (
+    ConfigurationError,
+    Handler,
+    Job,
+    JobTimeoutError,
+    current_transaction,
+    open_backend,
+)
 from neoq_anyio._outcome import as_run, backoff_seconds, decide, refuse_to_run
+from neoq_anyio.testing import dead_jobs, enqueued
 
 from .conftest import Database, wait_until
-from .test_processing import Recorder, backend
+from .test_processing import FAST, Recorder, backend
 
 
 @pytest.mark.parametrize(
@@ -380,3 +390,105 @@ async def test_job_timeout_during_a_query_cancels_it_on_the_server(dsn: str, db:
         assert sleeping == 0
         await nq.enqueue(Job("sql", {"slow": False}))
         await second.wait()
+
+
+@pytest.mark.parametrize("kind", ["postgres", "memory"])
+async def test_handler_that_swallows_its_timeout_still_times_out(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    swallowed = anyio.Event()
+    failures: list[BaseException] = []
+
+    async def stubborn(job: Job) -> None:
+        try:
+            await anyio.sleep_forever()
+        except BaseException:  # the cancellation of its timeout, swallowed
+            swallowed.set()
+        # and returns, as if it had succeeded
+
+    async def recover(job: Job, exc: BaseException) -> None:
+        failures.append(exc)
+
+    dsn = str(request.getfixturevalue("dsn")) if kind == "postgres" else "memory://"
+    async with open_backend(dsn, **FAST) as nq:
+        handler = Handler("stubborn", stubborn, job_timeout=0.2, recover_callback=recover)
+        await nq.start(handler)
+        await nq.enqueue(Job("stubborn", max_retries=0))
+        with anyio.fail_after(10):
+            await swallowed.wait()
+        await wait_until(lambda: bool(failures))
+        [dead] = await dead_jobs(nq, "stubborn")
+    assert dead.error is not None
+    assert dead.error.startswith("JobTimeoutError")
+    assert [type(exc) for exc in failures] == [JobTimeoutError]
+
+
+@pytest.mark.parametrize("kind", ["postgres", "memory"])
+async def test_failures_are_logged_with_their_traceback(
+    kind: str, request: pytest.FixtureRequest, caplog: pytest.LogCaptureFixture
+) -> None:
+    def look_up(payload: dict[str, object]) -> object:
+        return payload["missing"]
+
+    async def handle(job: Job) -> None:
+        look_up(job.payload or {})
+
+    dsn = str(request.getfixturevalue("dsn")) if kind == "postgres" else "memory://"
+    with caplog.at_level(logging.ERROR, logger="neoq_anyio"):
+        async with open_backend(dsn, **FAST) as nq:
+            await nq.start(Handler("lookups", handle))
+            await nq.enqueue(Job("lookups"))
+            await wait_until(lambda: any("failed" in r.getMessage() for r in caplog.records))
+    record = next(r for r in caplog.records if "failed" in r.getMessage())
+    assert "KeyError: 'missing'" in record.getMessage()
+    assert record.exc_info is not None
+    assert isinstance(record.exc_info[1], KeyError)
+    text = logging.Formatter().format(record)
+    assert "Traceback (most recent call last)" in text
+    assert "in look_up" in text
+
+
+async def test_failures_log_a_redacted_traceback_when_it_holds_the_password(
+    server_dsn: str, schema_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+    password = "hunter2-sesame"
+    params = conninfo_to_dict(server_dsn)
+    params.update(options=f"-csearch_path={schema_name}", password=password)
+    dsn = make_conninfo("", **params)  # trust auth: the password is never checked
+
+    async def handle(job: Job) -> None:
+        raise RuntimeError(f"cannot reach {dsn}")
+
+    with caplog.at_level(logging.ERROR, logger="neoq_anyio"):
+        async with open_backend(dsn, **FAST) as nq:
+            await nq.start(Handler("secrets", handle))
+            await nq.enqueue(Job("secrets"))
+            await wait_until(lambda: any("failed" in r.getMessage() for r in caplog.records))
+            [job] = await enqueued(nq, "secrets")
+    record = next(r for r in caplog.records if "failed" in r.getMessage())
+    text = logging.Formatter().format(record)
+    assert "Traceback (most recent call last)" in text
+    assert "in handle" in text
+    assert password not in text
+    assert job.error is not None
+    assert job.error.startswith("RuntimeError: cannot reach")
+    assert password not in job.error
+
+
+async def test_swallowed_database_error_is_quoted_in_the_record(dsn: str, db: Database) -> None:
+    async def careless(job: Job) -> None:
+        with contextlib.suppress(psycopg.Error):  # and returns, leaving it aborted
+            await current_transaction().execute("SELECT 1 / 0")
+
+    async with backend(dsn) as nq:
+        await nq.start(Handler("careless", careless))
+        job_id = await nq.enqueue(Job("careless"))
+        error = await db.wait_for(
+            f"SELECT error FROM neoq_jobs WHERE id = {int(job_id)}", lambda e: e is not None
+        )
+    assert error == (
+        "DatabaseError: the handler left the job's transaction aborted "
+        "after a database error it caught: division by zero"
+    )

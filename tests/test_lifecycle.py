@@ -406,7 +406,7 @@ async def test_no_job_lost_when_connections_drop(dsn: str, db: Database) -> None
 
 async def test_no_job_lost_across_a_server_restart(server: Server, dsn: str) -> None:
     if server.restart is None:
-        pytest.skip("restarting needs the embedded server (NEOQ_TEST_DSN is set)")
+        pytest.skip("restarting needs the embedded server, or NEOQ_TEST_RESTART_COMMAND")
     from neoq_anyio._pg._connection import connect
 
     restart = server.restart

@@ -45,8 +45,8 @@ def autojumping(anyio_backend: tuple[str, dict[str, Any]]) -> bool:
 
 
 async def test_memory_is_the_default_backend() -> None:
-    for connection_string in (None, "memory://"):
-        async with open_backend(connection_string) as nq:
+    for connection_string in ((), ("memory://",)):
+        async with open_backend(*connection_string) as nq:
             assert isinstance(nq, MemoryBackend)
             assert nq.statistics().pool is None
 

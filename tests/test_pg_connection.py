@@ -19,9 +19,10 @@ from psycopg import pq, sql
 from psycopg.generators import notifies
 
 from neoq_anyio import AnyioConnection, DatabaseError
+from neoq_anyio._pg import _connection
 from neoq_anyio._pg._connection import connect
 
-from .conftest import Database, wait_until
+from .conftest import Database, wait_until, with_params
 
 IDLE = pq.TransactionStatus.IDLE
 INTRANS = pq.TransactionStatus.INTRANS
@@ -391,6 +392,58 @@ async def test_cancelling_inside_a_transaction_block_rolls_it_back(
         assert await db.fetch("SELECT n FROM items") == [(2,)]
 
 
+async def create_slow_commit_table(db: Database, schema_name: str, seconds: float) -> None:
+    """A table ``items`` whose rows each make COMMIT take ``seconds`` (a deferred trigger)."""
+    await create_table(db, schema_name, "CREATE TABLE items (n int)")
+    await db.execute(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS "
+        f"$$ BEGIN PERFORM pg_sleep({seconds}); RETURN NULL; END $$"
+    )
+    await db.execute(
+        "CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON items DEFERRABLE INITIALLY DEFERRED "
+        "FOR EACH ROW EXECUTE FUNCTION slow_commit()"
+    )
+
+
+async def test_a_commit_slower_than_the_cancel_grace_is_waited_for(
+    dsn: str, db: Database, schema_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The grace bounds the end of a cancelled block only: a normal COMMIT
+    # that outlasts it completes, rather than being dropped with its rows.
+    monkeypatch.setattr(_connection, "CANCEL_GRACE", 0.2)
+    await create_slow_commit_table(db, schema_name, seconds=0.6)
+    async with opened(dsn) as conn:
+        with anyio.fail_after(10):
+            async with conn.transaction():
+                await conn.execute("INSERT INTO items VALUES (1)")
+        assert conn.pgconn.status == pq.ConnStatus.OK
+        assert conn.pgconn.transaction_status == IDLE
+    assert await db.fetch("SELECT n FROM items") == [(1,)]
+
+
+async def test_a_commit_interrupted_by_a_cancellation_raises_it(
+    dsn: str, db: Database, schema_name: str
+) -> None:
+    await create_slow_commit_table(db, schema_name, seconds=30)
+    async with opened(dsn) as conn:
+        after_block: list[str] = []
+        with anyio.fail_after(10):
+            with anyio.move_on_after(0.5) as scope:
+                async with conn.transaction():
+                    await conn.execute("INSERT INTO items VALUES (1)")
+                after_block.append("reached")  # pragma: no cover - would be a failure
+        # The cancellation came out of the block: nobody takes the COMMIT for done.
+        assert scope.cancelled_caught
+        assert after_block == []
+        # The COMMIT was cancelled on the server: nothing committed, and the
+        # connection is out of the block, idle and usable.
+        assert conn.pgconn.transaction_status == IDLE
+        assert conn._num_transactions == 0
+        cur = await conn.execute("SELECT count(*) FROM items")
+        assert await cur.fetchone() == (0,)
+    assert await db.value("SELECT count(*) FROM items") == 0
+
+
 # -- notifications -----------------------------------------------------------------------
 
 
@@ -505,6 +558,42 @@ async def test_psycopg_notifies_stop_after(dsn: str, db: Database, schema_name: 
 
 
 # -- failures ------------------------------------------------------------------------------
+
+
+def live_params(conn: AnyioConnection) -> dict[str, str | None]:
+    """The libpq parameters a connection was opened with (libpq's PQconninfo)."""
+    return {
+        option.keyword.decode(): None if option.val is None else option.val.decode()
+        for option in conn.pgconn.info
+    }
+
+
+async def test_connect_fills_in_libpq_defaults_the_string_leaves_unset(dsn: str) -> None:
+    async with opened(with_params(dsn, keepalives_idle="99")) as conn:
+        params = live_params(conn)
+    assert params["keepalives_idle"] == "99"  # what the string sets wins
+    expected = {
+        "connect_timeout": "10",
+        "keepalives": "1",
+        "keepalives_interval": "10",
+        "keepalives_count": "3",
+        "tcp_user_timeout": "60000",
+    }
+    assert {key: params[key] for key in expected} == expected
+
+
+async def test_connect_timeout_from_the_environment_wins_over_the_default(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PGCONNECT_TIMEOUT", "7")
+    async with opened(dsn) as conn:
+        assert live_params(conn)["connect_timeout"] == "7"
+
+
+async def test_an_invalid_connect_timeout_is_refused(dsn: str) -> None:
+    with anyio.fail_after(10), pytest.raises(DatabaseError) as info:
+        await connect(with_params(dsn, connect_timeout="soon"))
+    assert 'invalid integer value "soon" for connection option "connect_timeout"' in str(info.value)
 
 
 def free_port() -> int:

@@ -15,11 +15,18 @@ import anyio
 import psycopg
 import pytest
 from psycopg import pq, sql
+from psycopg.rows import dict_row, tuple_row
 
 from neoq_anyio import AnyioConnection, DatabaseError, PoolTimeoutError
 from neoq_anyio._pg._connection import connect
 from neoq_anyio._pg._dsn import parse_connection_string
-from neoq_anyio._pg._pool import ConnectionPool, PoolStatistics
+from neoq_anyio._pg._pool import (
+    RESERVED_CONNS,
+    ConnectionPool,
+    PoolStatistics,
+    default_max_conns,
+    worker_share,
+)
 
 from .conftest import Database, wait_until
 
@@ -92,8 +99,18 @@ async def maintained(pool: ConnectionPool) -> AsyncIterator[ConnectionPool]:
         pool.close()
 
 
-def stats(size: int, idle: int, in_use: int, waiting: int = 0, *, max_size: int) -> PoolStatistics:
-    return PoolStatistics(size=size, idle=idle, in_use=in_use, waiting=waiting, max_size=max_size)
+def stats(
+    size: int, idle: int, in_use: int, waiting: int = 0, *, max_size: int, worker_in_use: int = 0
+) -> PoolStatistics:
+    return PoolStatistics(
+        size=size,
+        idle=idle,
+        in_use=in_use,
+        waiting=waiting,
+        max_size=max_size,
+        worker_in_use=worker_in_use,
+        worker_max_size=worker_share(max_size),
+    )
 
 
 def waiting_is(pool: ConnectionPool, count: int) -> Callable[[], bool]:
@@ -727,3 +744,207 @@ async def test_close_wakes_waiters_with_an_error(harness: Harness) -> None:
         await harness.wait_backends(set())
     finally:
         pool.close()
+
+
+# -- workers and the reserve -----------------------------------------------------------------
+
+
+async def test_workers_leave_the_reserve_to_other_callers(harness: Harness) -> None:
+    async with opened(harness.pool("pool_max_conns=4", timeout=30)) as pool:
+        assert worker_share(4) == 4 - RESERVED_CONNS == 2
+        workers = [await pool.acquire(math.inf, worker=True) for _ in range(2)]
+        assert pool.statistics() == stats(2, 0, 2, max_size=4, worker_in_use=2)
+        got: list[AnyioConnection] = []
+
+        async def third_worker() -> None:
+            got.append(await pool.acquire(math.inf, worker=True))
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(third_worker)
+                await wait_until(waiting_is(pool, 1))
+                # The reserve is there for everyone else, at once.
+                others = [await pool.acquire(timeout=0.5) for _ in range(2)]
+                assert pool.statistics() == stats(4, 0, 4, 1, max_size=4, worker_in_use=2)
+                for conn in others:
+                    await pool.release(conn)
+                assert pool.statistics() == stats(4, 2, 2, 1, max_size=4, worker_in_use=2)
+                # A worker's connection goes to the worker waiting.
+                await pool.release(workers[0])
+        assert got == [workers[0]]
+        assert pool.statistics() == stats(4, 2, 2, max_size=4, worker_in_use=2)
+        for conn in [*got, workers[1]]:
+            await pool.release(conn)
+        assert pool.statistics() == stats(4, 4, 0, max_size=4)
+
+
+async def test_other_callers_are_served_before_waiting_workers(harness: Harness) -> None:
+    async with opened(harness.pool("pool_max_conns=4", timeout=30)) as pool:
+        workers_conn = await pool.acquire(math.inf, worker=True)
+        others = [await pool.acquire() for _ in range(3)]
+        order: list[str] = []
+
+        async def take(name: str, worker: bool) -> None:
+            conn = await pool.acquire(math.inf, worker=worker)
+            order.append(name)
+            await pool.release(conn)
+
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(take, "worker", True)  # under its share: it waits for a connection
+                await wait_until(waiting_is(pool, 1))
+                tg.start_soon(take, "enqueue", False)
+                await wait_until(waiting_is(pool, 2))
+                await pool.release(others.pop())
+                await wait_until(lambda: len(order) == 2)
+        assert order == ["enqueue", "worker"]
+        for conn in [workers_conn, *others]:
+            await pool.release(conn)
+        assert pool.statistics() == stats(4, 4, 0, max_size=4)
+
+
+async def test_a_pool_of_default_size_grows_for_workers(harness: Harness) -> None:
+    async with opened(harness.pool()) as pool:
+        base = default_max_conns()
+        assert pool.statistics().max_size == base
+        pool.add_workers(base + 3)
+        assert pool.statistics().max_size == base + 3 + RESERVED_CONNS
+        assert pool.statistics().worker_max_size == base + 3
+    async with opened(harness.pool("pool_max_conns=4")) as given:
+        given.add_workers(10)
+        assert (given.statistics().max_size, given.statistics().worker_max_size) == (4, 2)
+
+
+async def test_connections_are_opened_two_at_a_time(harness: Harness) -> None:
+    settings = parse_connection_string(f"{harness.dsn} pool_max_conns=10")
+    opening = peak = 0
+
+    async def counting_connect() -> AnyioConnection:
+        nonlocal opening, peak
+        opening += 1
+        peak = max(peak, opening)
+        try:
+            return await connect(settings.conninfo)
+        finally:
+            opening -= 1
+
+    pool = ConnectionPool(counting_connect, settings.pool, connection_timeout=30)
+    async with opened(pool):
+        held: list[AnyioConnection] = []
+
+        async def take() -> None:
+            held.append(await pool.acquire())
+
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                for _ in range(8):
+                    tg.start_soon(take)
+        assert len(held) == 8
+        assert peak == 2
+        assert pool.statistics() == stats(8, 0, 8, max_size=10)
+        for conn in held:
+            await pool.release(conn)
+
+
+async def test_a_locked_connection_is_not_reused(harness: Harness) -> None:
+    async with opened(harness.pool("pool_max_conns=2")) as pool:
+        conn = await pool.acquire()
+        pid = pid_of(conn)
+        await conn.lock.acquire()  # what a notifies() left suspended does
+        try:
+            await pool.release(conn)
+            assert pool.statistics() == stats(0, 0, 0, max_size=2)
+            async with pool.connection() as fresh:
+                assert pid_of(fresh) != pid
+        finally:
+            conn.lock.release()
+
+
+async def test_a_lent_connection_comes_back_reset(harness: Harness, schema_name: str) -> None:
+    await create_table(harness.db, schema_name)
+    settings = parse_connection_string(f"{harness.dsn} pool_max_conns=1")
+    setup = b"SET TimeZone = 'UTC'"
+
+    async def configured() -> AnyioConnection:
+        conn = await connect(settings.conninfo)
+        await conn.execute(setup)
+        return conn
+
+    pool = ConnectionPool(configured, settings.pool, connection_timeout=5, session_setup=setup)
+    async with opened(pool):
+        conn = await pool.acquire()
+        pid = pid_of(conn)
+        pool.lend(conn)
+        conn.row_factory = dict_row  # type: ignore[assignment]
+        await conn.set_read_only(True)
+        for statement in (
+            "SET TimeZone = 'Asia/Tokyo'",
+            "SET statement_timeout = '9s'",
+            "CREATE TEMP TABLE scratch (n int)",
+            "LISTEN lent",
+            "SELECT pg_advisory_lock(7)",
+            "PREPARE lent AS SELECT 1",
+            "BEGIN",
+            "INSERT INTO items VALUES (1)",
+        ):
+            await conn.execute(statement)
+        await pool.release(conn)
+        assert pool.statistics() == stats(1, 1, 0, max_size=1)
+        assert await harness.db.value("SELECT count(*) FROM items") == 0
+
+        async with pool.connection() as again:
+            assert again is not conn
+            assert pid_of(again) == pid
+            assert again.row_factory is tuple_row
+            assert again.autocommit is True
+            assert again.read_only is None
+            cur = await again.execute(
+                "SELECT current_setting('TimeZone'), current_setting('statement_timeout'),"
+                " to_regclass('pg_temp.scratch'),"
+                " (SELECT count(*) FROM pg_listening_channels()),"
+                " (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'"
+                "  AND pid = pg_backend_pid()),"
+                " (SELECT count(*) FROM pg_prepared_statements)"
+            )
+            assert await cur.fetchone() == ("UTC", "0", None, 0, 0, 0)
+            await again.execute("INSERT INTO items VALUES (2)")  # writable again
+        # Not lent this time: it comes back as it is, without a reset.
+        async with pool.connection() as third:
+            assert third is again
+
+
+@pytest.mark.parametrize(
+    "cancel_first", [False, True], ids=["handover-then-cancel", "cancel-then-handover"]
+)
+async def test_a_worker_cancelled_while_waiting_leaks_nothing(
+    harness: Harness, cancel_first: bool
+) -> None:
+    async with opened(harness.pool("pool_max_conns=3", timeout=30)) as pool:
+        held = await pool.acquire(math.inf, worker=True)  # the workers' only connection
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                scope = anyio.CancelScope()
+
+                async def waiter() -> None:
+                    with scope:
+                        conn = await pool.acquire(math.inf, worker=True)
+                        try:
+                            await anyio.sleep(30)  # cancelled here, if it got one
+                        finally:
+                            await pool.release(conn)
+
+                tg.start_soon(waiter)
+                await wait_until(waiting_is(pool, 1))
+                assert pool.statistics() == stats(1, 0, 1, 1, max_size=3, worker_in_use=1)
+                # Both in the same step: the waiter cannot run in between.
+                if cancel_first:
+                    scope.cancel()
+                    await pool.release(held)
+                else:
+                    await pool.release(held)
+                    scope.cancel()
+        assert pool.statistics() == stats(1, 1, 0, max_size=3)
+        with anyio.fail_after(5):
+            assert await pool.acquire(timeout=0.5, worker=True) is held
+        assert pool.statistics() == stats(1, 0, 1, max_size=3, worker_in_use=1)
+        await pool.release(held)

@@ -311,7 +311,7 @@ async def test_session_settings(dsn: str) -> None:
         await rec.wait()
     assert settings == {
         "synchronous_commit": "off",
-        "idle_in_transaction_session_timeout": "12s",
+        "idle_in_transaction_session_timeout": "13200ms",  # 12 s + 10 %: room to record
         "TimeZone": "UTC",
     }
     settings.clear()

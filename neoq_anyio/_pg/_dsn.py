@@ -241,6 +241,12 @@ def _split_url(scheme: str, rest: str) -> _Split:
     secrets = [password, unquote(password)] if password else []
     _check_percent(user, "user name")
     _check_percent(password, "password")
+    if "@" in rest[: max(at - 1, 0)]:
+        # libpq would end the credentials at the first '@': encode the others.
+        credentials = rest[: at - 1].replace("@", "%40")
+        secrets.append(credentials.partition(":")[2])
+        rest = f"{credentials}{rest[at - 1 :]}"
+        at = len(credentials) + 1
     query_at = _query_start(rest, at)
     head = rest if query_at < 0 else rest[:query_at]
     netloc, _, dbname = head[at:].partition("/")
@@ -254,13 +260,26 @@ def _split_url(scheme: str, rest: str) -> _Split:
 
 
 def _credentials_end(rest: str) -> int:
-    """Return the index after ``user:password@`` in ``rest``, or 0 if there is none."""
+    """Return the index after ``user:password@`` in ``rest``, or 0 if there is none.
+
+    libpq ends the credentials at the first ``@`` before the first ``/``, so in
+    ``postgresql://app:p@ss@db/app`` it would read the password ``p`` and the host
+    ``ss@db``, whose name then shows the rest of the password in every connection
+    error. No host name contains ``@``, so, like Go's ``net/url`` (which Go neoq
+    uses), the credentials run to the last ``@`` before the host ends (at ``/`` or
+    ``?``): the password is ``p@ss``.
+    """
+    first = -1
     for index, char in enumerate(rest):
         if char == "/":
             return 0
         if char == "@":
-            return index + 1
-    return 0
+            first = index
+            break
+    if first < 0:
+        return 0
+    ends = [found for found in (rest.find("/", first), rest.find("?", first)) if found >= 0]
+    return rest.rfind("@", first, min(ends, default=len(rest))) + 1
 
 
 def _query_start(rest: str, start: int) -> int:

@@ -19,12 +19,13 @@ import anyio
 from psycopg import pq
 
 from neoq_anyio._backend import Backend, BackendStatistics
+from neoq_anyio._context import _lent
 from neoq_anyio._cron import tick_job_fields
 from neoq_anyio._models import validate_job
 from neoq_anyio._pg._connection import AnyioConnection, connect
 from neoq_anyio._pg._dsn import parse_connection_string
 from neoq_anyio._pg._errors import map_errors
-from neoq_anyio._pg._pool import ConnectionPool
+from neoq_anyio._pg._pool import RESERVED_CONNS, ConnectionPool
 
 from . import _sql
 from ._listener import Listener
@@ -61,11 +62,17 @@ class PostgresBackend(Backend):
         settings = parse_connection_string(connection_string)
         super().__init__(options, redact=settings.redact)
         self._settings = settings
+        self._session_setup = _sql.session_settings(
+            synchronous_commit=options.synchronous_commit,
+            transaction_timeout=options.transaction_timeout,
+        )
         self._pool = ConnectionPool(
             self._open_session,
             settings.pool,
             connection_timeout=options.connection_timeout,
             log=self._log,
+            session_setup=self._session_setup,
+            lent=_lent,  # what current_transaction() handed to handlers
         )
         self._store = JobStore(self._pool, settings.conninfo, self._log)
         self._workers: dict[str, QueueWorkers] = {}
@@ -107,6 +114,7 @@ class PostgresBackend(Backend):
 
     async def start(self, handler: Handler) -> None:
         self._register(handler)
+        self._size_pool(handler)
         workers = QueueWorkers(
             handler,
             store=self._store,
@@ -126,8 +134,12 @@ class PostgresBackend(Backend):
     async def connection(self) -> AsyncIterator[AnyioConnection]:
         self._check_open()
         conn = await self._pool.acquire()
-        conn._autocommit = False  # psycopg's default: statements open a transaction
         try:
+            self._pool.lend(conn)  # reset on release: the caller may change anything on it
+            if not self._options.synchronous_commit:
+                with map_errors(self._log.redact, "cannot lend a connection"):
+                    await conn.execute(_sql.LENT_SESSION)
+            conn._autocommit = False  # psycopg's default: statements open a transaction
             yield conn
             if conn.pgconn.transaction_status != _IDLE:
                 with map_errors(self._log.redact, "cannot commit"):
@@ -141,6 +153,28 @@ class PostgresBackend(Backend):
             jobs_in_flight=sum(w.in_flight for w in self._workers.values()),
             pool=self._pool.statistics(),
             listener_reconnects=self._listener.reconnects,
+        )
+
+    def _size_pool(self, handler: Handler) -> None:
+        """Make room in the pool for the handler's workers, each holding a
+        connection while it runs a job; warn if ``pool_max_conns`` leaves too little."""
+        self._pool.add_workers(handler.concurrency)
+        if not self._settings.pool.max_conns_given:
+            return  # the pool grew to fit
+        workers = handler.concurrency + sum(w.handler.concurrency for w in self._workers.values())
+        pool = self._pool.statistics()
+        if pool.max_size >= workers + RESERVED_CONNS:
+            return
+        self._log.warning(
+            "pool_max_conns=%d is too small for the handlers started (concurrency %d in all) "
+            "plus the %d connections kept for enqueue, connection() and background tasks: "
+            "at most %d jobs run at once in this process. Raise pool_max_conns to %d, or "
+            "leave it out and the pool grows to fit.",
+            pool.max_size,
+            workers,
+            RESERVED_CONNS,
+            pool.worker_max_size,
+            workers + RESERVED_CONNS,
         )
 
     # -- the backend's hooks -------------------------------------------------------------
@@ -189,12 +223,7 @@ class PostgresBackend(Backend):
         conn = await connect(self._settings.conninfo, redact=self._log.redact)
         try:
             with map_errors(self._log.redact, "cannot set up a session"):
-                await conn.execute(
-                    _sql.session_settings(
-                        synchronous_commit=self._options.synchronous_commit,
-                        transaction_timeout=self._options.transaction_timeout,
-                    )
-                )
+                await conn.execute(self._session_setup)
         except BaseException:
             conn.pgconn.finish()
             raise

@@ -9,6 +9,13 @@ When the connection drops (database restart, ``pg_terminate_backend``, a
 network cut caught by the periodic ping), the listener reconnects with
 capped exponential backoff, listens to every channel again, and calls
 ``on_reconnect`` so the backend looks for jobs announced while it was deaf.
+
+A link can also die silently (a partition, a peer that vanished): nothing
+arrives and nothing fails, and TCP would only give up after minutes. So the
+ping and every LISTEN must be answered within ``ping_timeout``, or the
+connection is dropped at once (no cancel request over a dead link: its
+``cancel_grace`` is 0) and replaced. A silent link is noticed within
+``ping_interval + ping_timeout``.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskStatus
     from psycopg import Notify
+    from psycopg.abc import Query
 
     from neoq_anyio._log import BackendLog
     from neoq_anyio._pg._connection import AnyioConnection
@@ -39,6 +47,7 @@ __all__ = ["Listener"]
 _RECONNECT_MIN = 0.05
 _RECONNECT_MAX = 5.0
 _PING_INTERVAL = 30.0
+_PING_TIMEOUT = 10.0
 
 
 class Listener:
@@ -50,6 +59,10 @@ class Listener:
             notification; must not block.
         on_reconnect: called after the connection was re-established.
         log: the backend's log.
+        ping_interval: seconds without a notification after which the
+            connection is pinged.
+        ping_timeout: seconds a ping or a LISTEN may go unanswered before
+            the connection is taken for dead and replaced.
     """
 
     def __init__(
@@ -59,8 +72,12 @@ class Listener:
         on_reconnect: Callable[[], None],
         *,
         log: BackendLog,
+        ping_interval: float = _PING_INTERVAL,
+        ping_timeout: float = _PING_TIMEOUT,
     ) -> None:
         self._connect = connect
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
         self._on_notify = on_notify
         self._on_reconnect = on_reconnect
         self._log = log
@@ -81,7 +98,7 @@ class Listener:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> NoReturn:
         """Serve until cancelled. The first connection's failure raises (startup
         fails loudly); later failures reconnect."""
-        conn = await self._connect()
+        conn = await self._open()
         task_status.started()
         delay = _RECONNECT_MIN
         while True:
@@ -97,7 +114,7 @@ class Listener:
                 await anyio.sleep(delay * random.uniform(0.5, 1.0))
                 delay = min(delay * 2, _RECONNECT_MAX)
                 try:
-                    conn = await self._connect()
+                    conn = await self._open()
                 except DatabaseError as exc:
                     self._log.warning("listener cannot reconnect yet: %s", exc)
                     continue
@@ -109,13 +126,20 @@ class Listener:
             self._channels.clear()
             self._log.info("listener reconnected")
 
+    async def _open(self) -> AnyioConnection:
+        conn = await self._connect()
+        # A query given up on closes the connection at once: a cancel request
+        # would cross the same dead link, and the connection is replaced anyway.
+        conn.cancel_grace = 0
+        return conn
+
     async def _serve(self, conn: AnyioConnection) -> None:
         conn.add_notify_handler(self._dispatch)
         reconnected = self.reconnects > 0
         while True:
             while self._requested:
                 channel, event = next(iter(self._requested.items()))
-                await conn.execute(_sql.LISTEN.format(sql.Identifier(channel)))
+                await self._answered(conn, _sql.LISTEN.format(sql.Identifier(channel)), "LISTEN")
                 self._channels.add(channel)
                 del self._requested[channel]
                 event.set()
@@ -125,11 +149,20 @@ class Listener:
                 self._on_reconnect()
             with anyio.CancelScope() as scope:
                 self._wait_scope = scope
-                with anyio.move_on_after(_PING_INTERVAL) as ping:
+                with anyio.move_on_after(self._ping_interval) as ping:
                     await conn.wait(notifies(conn.pgconn))
             self._wait_scope = None
             if ping.cancelled_caught:
-                await conn.execute(_sql.PING)  # finds half-open connections
+                await self._answered(conn, _sql.PING, "ping")  # finds dead links
+
+    async def _answered(self, conn: AnyioConnection, query: Query, what: str) -> None:
+        """Run ``query``; raise ``DatabaseError`` if no answer comes within ``ping_timeout``."""
+        with anyio.move_on_after(self._ping_timeout) as bound:
+            await conn.execute(query)
+        if bound.cancelled_caught:
+            raise DatabaseError(
+                f"listener: no answer to {what} within {self._ping_timeout:g} s (dead link?)"
+            )
 
     def _dispatch(self, notification: Notify) -> None:
         self._on_notify(notification.channel, notification.payload)

@@ -27,7 +27,14 @@ if TYPE_CHECKING:
     from neoq_anyio._pg._connection import AnyioConnection
     from neoq_anyio._pg._dsn import ConnectionSettings
 
-__all__ = ["SCHEMA_VERSION", "ensure_schema", "prepare_database", "schema_sql"]
+__all__ = [
+    "SCHEMA_VERSION",
+    "ensure_schema",
+    "prepare_database",
+    "schema_sql",
+    "schema_to_create",
+    "search_path_names",
+]
 
 SCHEMA_VERSION: Final = 2
 """Bump with every change to schema.sql, which must stay additive."""
@@ -56,17 +63,105 @@ async def _migrated(conn: AnyioConnection) -> bool:
     return await cur.fetchone() is not None
 
 
+_NAME_BYTES: Final = 63  # NAMEDATALEN - 1: PostgreSQL truncates longer identifiers
+_SPACE: Final = frozenset(" \t\n\r\f\v")  # PostgreSQL's scanner_isspace
+_ASCII_LOWER: Final = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+_USER: Final = "$user"
+
+
+def _truncated(name: str) -> str:
+    """``name`` cut to 63 bytes on a character boundary, as PostgreSQL does."""
+    encoded = name.encode()
+    if len(encoded) <= _NAME_BYTES:
+        return name
+    return encoded[:_NAME_BYTES].decode(errors="ignore")
+
+
+def search_path_names(setting: str) -> list[str]:
+    """The schema names of a ``search_path`` setting, as PostgreSQL reads them.
+
+    PostgreSQL's ``SplitIdentifierString``: names are separated by commas,
+    with whitespace around them ignored; a double-quoted name keeps its case,
+    spaces and commas, with ``""`` standing for one quote; an unquoted name
+    is folded to lower case (ASCII letters only, as in a UTF-8 database).
+    Both are truncated to 63 bytes. ``$user``, quoted or not, comes back as
+    ``$user``: PostgreSQL reads either as the current role's schema.
+    """
+    names: list[str] = []
+    pos, end = 0, len(setting)
+    while True:
+        while pos < end and setting[pos] in _SPACE:
+            pos += 1
+        if pos >= end:
+            return names
+        if setting[pos] == '"':
+            parts: list[str] = []
+            pos += 1
+            while True:
+                close = setting.find('"', pos)
+                if close < 0:  # unbalanced: the server never accepts it
+                    return names
+                parts.append(setting[pos:close])
+                pos = close + 1
+                if setting[pos : pos + 1] != '"':
+                    break
+                parts.append('"')
+                pos += 1
+            name = "".join(parts)
+        else:
+            start = pos
+            while pos < end and setting[pos] != "," and setting[pos] not in _SPACE:
+                pos += 1
+            name = setting[start:pos].translate(_ASCII_LOWER)
+        names.append(_truncated(name))
+        while pos < end and setting[pos] in _SPACE:
+            pos += 1
+        if pos >= end or setting[pos] != ",":
+            return names
+        pos += 1
+
+
+def schema_to_create(names: list[str], *, current: str | None, user: str) -> str | None:
+    """The schema to create so that neoq's tables land in the first one search_path names.
+
+    PostgreSQL creates tables in the first schema of the search path that
+    exists (``current``, ``None`` when none does); ``$user`` stands for the
+    schema named after the current role (``user``) and is skipped while that
+    schema does not exist, as are reserved ``pg_*`` names, which cannot be
+    created. So the first name that is neither is created unless PostgreSQL
+    already uses an entry before it; with nothing else listed, ``$user`` is
+    created for the role. Once created, it is the schema PostgreSQL uses.
+
+    Args:
+        names: the search path, as ``search_path_names`` reads it.
+        current: ``current_schema()``.
+        user: ``current_user``.
+
+    Returns:
+        The schema to create, or ``None`` when there is nothing to create.
+    """
+    for name in names:
+        if (user if name == _USER else name) == current:
+            return None  # PostgreSQL already creates tables here
+        if name and name != _USER and not name.startswith("pg_"):
+            return name
+    return user if _USER in names and current is None else None
+
+
 async def _ensure_namespace(conn: AnyioConnection) -> None:
-    """Create the first schema of search_path when it does not exist yet."""
+    """Create the first schema search_path names, when PostgreSQL would not use it otherwise.
+
+    A missing first schema would leave neoq's tables in a later one (often
+    ``public``), or nowhere; ``search_path_names`` reads the setting as
+    PostgreSQL does, so the schema created is the one PostgreSQL then uses.
+    """
     cur = await conn.execute(_sql.SEARCH_PATH)
     row = await cur.fetchone()
     assert row is not None
-    if not row[0]:
-        return
-    for name in (part.strip() for part in str(row[1]).split(",")):
-        if name and name != '"$user"':
-            await conn.execute(_sql.CREATE_SCHEMA.format(sql.Identifier(name.strip('"'))))
-            return
+    current, setting, user = row
+    name = schema_to_create(search_path_names(str(setting)), current=current, user=str(user))
+    if name is not None:
+        await conn.execute(_sql.CREATE_SCHEMA.format(sql.Identifier(name)))
 
 
 async def _ensure_schema(conn: AnyioConnection) -> bool:

@@ -12,11 +12,13 @@ run with the simple protocol, so ``BEGIN``, the locking ``SELECT`` and the
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Final, LiteralString
+from typing import TYPE_CHECKING, Any, Final, LiteralString
 
 from psycopg import sql
 
 if TYPE_CHECKING:
+    from collections.abc import Collection, Mapping
+
     from psycopg.abc import AdaptContext
 
     from neoq_anyio._outcome import Outcome
@@ -136,49 +138,141 @@ _UTC_NAMES: Final = frozenset(
 )
 
 
-def take_job(queue: str, context: AdaptContext) -> str:
+def take_job(queue: str, context: AdaptContext, *, skip: Collection[int] = ()) -> str:
     """``BEGIN; <JobQuery>; SAVEPOINT``: one round trip to start a job.
 
     The savepoint lets a failed handler's writes roll back while the job's
-    row lock, and the failure record, stay in the same transaction.
+    row lock, and the failure record, stay in the same transaction. ``skip``:
+    ids of jobs not to take (held back after their outcome failed to record).
     """
-    select = sql.SQL(JobQuery.replace("%s", "{}")).format(sql.Literal(queue))
+    query = JobQuery.replace("%s", "{}")
+    if skip:
+        ids = ", ".join(f"{int(job_id):d}" for job_id in skip)
+        assert "AND run_after" in query  # JobQuery's shape, which the clause joins
+        query = query.replace("AND run_after", f"AND id NOT IN ({ids}) AND run_after", 1)
+    select = sql.SQL(query).format(sql.Literal(queue))
     return f"BEGIN; {select.as_string(context)}; SAVEPOINT {SAVEPOINT}"
 
 
 def record_outcome(job_id: str, outcome: Outcome, context: AdaptContext) -> str:
     """The statements that record a run's outcome in the job's transaction, and COMMIT.
 
-    A failure first rolls back to the savepoint ``take_job`` set, undoing
-    the handler's writes while keeping the row lock. Ids are inlined as
-    integers (``int()`` refuses anything else), texts as literals.
+    A success first checks the handler's deferred constraints (``SET
+    CONSTRAINTS ALL IMMEDIATE``): one it broke fails there, inside the
+    transaction, which can still record the failure under the row lock,
+    instead of failing the COMMIT, which would end the transaction and free
+    the row. A failure first rolls back to the savepoint ``take_job`` set,
+    undoing the handler's writes while keeping the row lock. Ids are inlined
+    as integers (``int()`` refuses anything else), texts as literals.
     """
     row = int(job_id)
-    retries = int(outcome.retries)
     if outcome.kind == "processed":
         return (
+            "SET CONSTRAINTS ALL IMMEDIATE; "
             "UPDATE neoq_jobs SET status = 'processed', ran_at = now(), error = NULL, "
-            f"retries = {retries:d} WHERE id = {row:d}; COMMIT"
+            f"retries = {int(outcome.retries):d} WHERE id = {row:d}; COMMIT"
         )
-    message = sql.Literal(outcome.error or "").as_string(context)
+    failure = _record_failure(outcome, context, target=f"{row:d}", ctes=[])
+    return f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; {failure}; COMMIT"
+
+
+def record_unlocked(
+    job_id: str, taken: Mapping[str, Any], outcome: Outcome, context: AdaptContext
+) -> str:
+    """Record ``outcome`` in a transaction of its own, for a job whose own
+    transaction failed (its row lock died with it); the third result holds a
+    row if it wrote (``RECORD_UNLOCKED_RESULT``).
+
+    The row is locked anew, waiting at most ``UNLOCKED_LOCK_TIMEOUT`` (the
+    dead session's backend may still be letting go of it), and changed only
+    if it is still as the worker took it (``taken``: ``status``, ``retries``,
+    ``run_after``, ``ran_at``): a job another worker has taken, run or
+    recorded since is left alone, and recording twice changes nothing.
+    """
+    values = {name: sql.Literal(taken[name]).as_string(context) for name in _GUARD_COLUMNS}
+    guard = (
+        f"job AS (SELECT id FROM neoq_jobs WHERE id = {int(job_id):d} "
+        f"AND status::text = {values['status']} "
+        f"AND coalesce(retries, 0) = {values['retries']} "
+        f"AND run_after IS NOT DISTINCT FROM {values['run_after']}::timestamptz "
+        f"AND ran_at IS NOT DISTINCT FROM {values['ran_at']}::timestamptz "
+        "FOR UPDATE)"
+    )
+    if outcome.kind == "processed":
+        statement = (
+            f"WITH {guard} "
+            "UPDATE neoq_jobs SET status = 'processed', ran_at = now(), error = NULL, "
+            f"retries = {int(outcome.retries):d} WHERE id = (SELECT id FROM job) RETURNING id"
+        )
+    else:
+        statement = _record_failure(outcome, context, target="SELECT id FROM job", ctes=[guard])
+    timeout = math.ceil(UNLOCKED_LOCK_TIMEOUT * 1000)
+    return f"BEGIN; SET LOCAL lock_timeout = {timeout:d}; {statement}; COMMIT"
+
+
+RECORD_UNLOCKED_RESULT: Final = 2
+"""Which result of ``record_unlocked`` holds the written row (after BEGIN and SET)."""
+
+UNLOCKED_LOCK_TIMEOUT: Final = 2.0
+"""Seconds ``record_unlocked`` waits for the job's row: enough for a dead
+session's backend to exit; a live worker elsewhere holding it makes it give up
+(SQLSTATE ``LOCK_NOT_AVAILABLE``): the job is that worker's now."""
+
+LOCK_NOT_AVAILABLE: Final = "55P03"
+
+_GUARD_COLUMNS: Final = ("status", "retries", "run_after", "ran_at")
+
+
+def _record_failure(
+    outcome: Outcome, context: AdaptContext, *, target: str, ctes: list[str]
+) -> str:
+    """One statement recording a failure (``retry``) or a dead job, for the job
+    whose id ``target`` (a literal, or a subquery of ``ctes``) gives; it returns
+    the job's id.
+
+    A retry normally sets ``status = 'failed'``. If another failed job has
+    the same queue and fingerprint, that would violate neoq's unique index
+    (one unprocessed job per queue, fingerprint and status), so the job keeps
+    its status and its ``retries`` already counts this run, which makes the
+    next run count exactly as a failed job's would (``as_run``).
+    """
+    retries = int(outcome.retries)
+    message = _text_literal(outcome.error or "", context)
     if outcome.kind == "retry":
         delay = float(outcome.delay)
+        with_ = f"WITH {', '.join(ctes)} " if ctes else ""
         return (
-            f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; "
-            f"UPDATE neoq_jobs SET status = 'failed', ran_at = now(), error = {message}, "
-            f"retries = {retries:d}, "
+            f"{with_}UPDATE neoq_jobs AS j SET "
+            "status = CASE WHEN b.blocked THEN j.status ELSE 'failed' END, "
+            f"retries = CASE WHEN b.blocked THEN {retries + 1:d} ELSE {retries:d} END, "
+            f"ran_at = now(), error = {message}, "
             f"run_after = clock_timestamp() + make_interval(secs => {delay!r}) "
-            f"WHERE id = {row:d}; COMMIT"
+            "FROM (SELECT EXISTS (SELECT 1 FROM neoq_jobs AS o JOIN neoq_jobs AS k "
+            "ON o.queue = k.queue AND o.fingerprint = k.fingerprint "
+            f"WHERE k.id = ({target}) AND o.id <> k.id AND o.status = 'failed') AS blocked) AS b "
+            f"WHERE j.id = ({target}) RETURNING j.id"
         )
+    dead = (
+        f"dead AS (DELETE FROM neoq_jobs WHERE id = ({target}) "
+        "RETURNING id, queue, fingerprint, payload, max_retries, deadline)"
+    )
     return (
-        f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; "
-        "WITH dead AS (DELETE FROM neoq_jobs WHERE id = "
-        f"{row:d} RETURNING id, queue, fingerprint, payload, max_retries, deadline) "
+        f"WITH {', '.join([*ctes, dead])} "
         "INSERT INTO neoq_dead_jobs "
         "(id, queue, fingerprint, payload, retries, max_retries, error, deadline) "
         f"SELECT id, queue, fingerprint, payload, {retries:d}, max_retries, {message}, deadline "
-        "FROM dead; COMMIT"
+        "FROM dead RETURNING id"
     )
+
+
+def _text_literal(text: str, context: AdaptContext) -> str:
+    """``text`` as an SQL literal; in a session whose client encoding cannot
+    represent it, with the characters it lacks escaped (never an error: an
+    error here would leave the job unrecorded)."""
+    try:
+        return sql.Literal(text).as_string(context)
+    except UnicodeEncodeError:
+        return sql.Literal(text.encode("ascii", "backslashreplace").decode()).as_string(context)
 
 
 CLAIM_TICK: Final = (
@@ -196,18 +290,36 @@ CLAIM_TICK: Final = (
 """Claim a tick and enqueue its job in one statement; no row back: already claimed."""
 
 
+LENT_SESSION: Final = b"SET synchronous_commit TO DEFAULT"
+"""A connection lent by ``connection()`` runs the caller's transactions, which
+``synchronous_commit=False`` is not meant for: they get the server's setting
+(the pool's reset on return turns it off again)."""
+
 SESSION_SETUP: Final = "SET TimeZone = 'UTC'"
 """Every pooled session works in UTC: timestamps come back in UTC, and Go
 neoq's trigger compares ``run_after`` with ``timezone('utc', created_at)``,
 which is only right when the session's zone is UTC."""
 
 
+def idle_timeout_ms(transaction_timeout: float) -> int:
+    """``idle_in_transaction_session_timeout`` for a ``transaction_timeout``, in ms.
+
+    A margin above it (10 %, at least 1 s; 0 stays 0, no bound): a handler
+    may run up to ``job_timeout`` = ``transaction_timeout`` without a query,
+    and its transaction must still be alive to record the timeout then.
+    """
+    if transaction_timeout <= 0:
+        return 0
+    return math.ceil((transaction_timeout + max(1.0, transaction_timeout / 10)) * 1000)
+
+
 def session_settings(*, synchronous_commit: bool, transaction_timeout: float) -> bytes:
-    """What every pooled session runs once: UTC, the idle-in-transaction bound,
-    and (unless asked to keep it) ``synchronous_commit = off``, as Go neoq does."""
+    """What every pooled session runs once: UTC, the idle-in-transaction bound
+    (``idle_timeout_ms``), and (unless asked to keep it)
+    ``synchronous_commit = off``, as Go neoq does."""
     statements = [
         SESSION_SETUP,
-        f"SET idle_in_transaction_session_timeout = {math.ceil(transaction_timeout * 1000):d}",
+        f"SET idle_in_transaction_session_timeout = {idle_timeout_ms(transaction_timeout):d}",
     ]
     if not synchronous_commit:
         statements.append("SET synchronous_commit = off")
@@ -231,8 +343,9 @@ CREATE_DATABASE: Final = sql.SQL("CREATE DATABASE {}")
 CREATE_SCHEMA: Final = sql.SQL("CREATE SCHEMA IF NOT EXISTS {}")
 """Format with ``sql.Identifier(name)``."""
 
-SEARCH_PATH: Final = "SELECT current_schema() IS NULL, current_setting('search_path')"
-"""Whether the session has no schema to create tables in yet, and where it looks."""
+SEARCH_PATH: Final = "SELECT current_schema(), current_setting('search_path'), current_user"
+"""The schema the session creates tables in (NULL: none yet), where it looks, and
+the role ``$user`` stands for."""
 
 MIGRATIONS_TABLE_EXISTS: Final = "SELECT to_regclass('neoq_anyio_migrations') IS NOT NULL"
 MIGRATED: Final = "SELECT 1 FROM neoq_anyio_migrations WHERE version = %s"

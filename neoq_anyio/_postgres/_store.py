@@ -9,13 +9,16 @@ and lease mode's claims belong too.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
+import anyio
 from psycopg import pq
 
 from neoq_anyio._exceptions import DatabaseError, DuplicateJobError
 from neoq_anyio._fingerprint import encode_payload
 from neoq_anyio._models import Job
+from neoq_anyio._outcome import hold_back_seconds
 from neoq_anyio._pg._connection import connect
 from neoq_anyio._pg._errors import map_errors
 
@@ -34,6 +37,17 @@ if TYPE_CHECKING:
 __all__ = ["JobStore"]
 
 _INERROR = pq.TransactionStatus.INERROR
+_OK = pq.ConnStatus.OK
+_FORGET_HELD_BACK = 3600.0  # seconds after its hold-back ends that a job's failure count is kept
+
+
+@dataclass(slots=True)
+class _HeldBack:
+    """A job this process leaves alone until ``until`` (AnyIO's clock)."""
+
+    queue: str
+    failures: int
+    until: float
 
 
 def _job(row: tuple[Any, ...]) -> Job:
@@ -55,6 +69,8 @@ class JobStore:
         self._conninfo = conninfo
         self._log = log
         self._take: dict[str, str] = {}  # per queue, built with the connection's encoding
+        self._held_back: dict[str, _HeldBack] = {}  # by job id: see hold_back()
+        self._mine: set[str] = set()  # ids of the jobs this process's workers run
 
     # -- enqueueing ----------------------------------------------------------------------
 
@@ -108,30 +124,174 @@ class JobStore:
         """Open the job's transaction on ``conn`` and lock the queue's next due job.
 
         With no job due, the transaction is rolled back and ``None`` returned.
+        Jobs held back (``hold_back``) are not taken, nor are jobs this
+        process still runs (see ``done``), whose row lock may have died with
+        their session. Call ``done`` once the job is recorded.
         """
         with map_errors(self._log.redact, f"cannot take a job from queue {queue!r}"):
-            take = self._take.get(queue)
-            if take is None:
-                take = self._take[queue] = _sql.take_job(queue, conn)
-            cur = await conn.execute(take)
-            cur.nextset()  # past BEGIN, to the SELECT's rows
-            row = await cur.fetchone()
-            if row is None:
+            skip = self._skipped(queue) if self._held_back else []
+            row = await self._take_row(conn, queue, skip)
+            if row is not None and str(row[0]) in self._mine:
+                # Still running here, but unlocked: its session ended under it.
                 await conn.execute(_sql.ROLLBACK)
+                row = await self._take_row(conn, queue, [*skip, *map(int, self._mine)])
+            if row is None:
                 return None
-        return _job(row)
+        job = _job(row)
+        self._mine.add(str(job.id))
+        return job
+
+    async def _take_row(
+        self, conn: AnyioConnection, queue: str, skip: list[int]
+    ) -> tuple[Any, ...] | None:
+        if skip:
+            take = _sql.take_job(queue, conn, skip=skip)  # rare: not cached
+        else:
+            cached = self._take.get(queue)
+            if cached is None:
+                cached = self._take[queue] = _sql.take_job(queue, conn)
+            take = cached
+        cur = await conn.execute(take)
+        cur.nextset()  # past BEGIN, to the SELECT's rows
+        row = await cur.fetchone()
+        if row is None:
+            await conn.execute(_sql.ROLLBACK)
+        return row
+
+    def done(self, job: Job) -> None:
+        """``take``'s job is no longer this process's: recorded, or given up."""
+        self._mine.discard(str(job.id))
 
     def handler_broke_transaction(self, conn: AnyioConnection) -> DatabaseError | None:
         """Why a handler that returned cannot be marked processed: it left the
-        job's transaction aborted (it swallowed a database error)."""
-        if conn.pgconn.transaction_status == _INERROR:
-            return DatabaseError("the handler left the job's transaction aborted")
-        return None
+        job's transaction aborted (it caught a database error and went on).
+
+        The message quotes that error as the connection last reported it, so
+        the job's record says what went wrong.
+        """
+        pgconn = conn.pgconn
+        if pgconn.transaction_status != _INERROR:
+            return None
+        message = "the handler left the job's transaction aborted"
+        lines = [line.strip() for line in pgconn.get_error_message().splitlines()]
+        cause = " ".join(line for line in lines if line)
+        if cause:
+            # libpq's text starts with the severity ("ERROR:  division by zero").
+            severity, sep, rest = cause.partition(":")
+            if sep and severity.isupper():
+                cause = rest.strip()
+            message += f" after a database error it caught: {cause}"
+        return DatabaseError(self._log.redact(message))
 
     async def record(self, conn: AnyioConnection, job_id: str, outcome: Outcome) -> None:
-        """Record ``outcome`` in the job's transaction on ``conn``, and commit."""
-        with map_errors(self._log.redact, f"cannot record job {job_id}"):
-            await conn.execute(_sql.record_outcome(job_id, outcome, conn))
+        """Record ``outcome`` in the job's transaction on ``conn``, and commit.
+
+        Raises:
+            DatabaseError: the transaction could not record it, or could not
+                commit (a deferred constraint the handler's writes break, a
+                lost connection); nothing was recorded, and the transaction
+                is no longer usable: see ``record_unlocked``.
+        """
+        doing = (
+            f"cannot commit job {job_id}'s transaction"
+            if outcome.kind == "processed"
+            else f"cannot record job {job_id}"
+        )
+        with map_errors(self._log.redact, doing):
+            await conn.execute(_sql.record_outcome(job_id, self._scrubbed(outcome), conn))
+        if self._held_back:
+            self._held_back.pop(job_id, None)
+
+    def still_in_transaction(self, conn: AnyioConnection) -> bool:
+        """Whether the job's transaction on ``conn`` survived a failed ``record``:
+        aborted but open, so it still holds the row lock and can record again
+        (a failure rolls back to the job's savepoint first)."""
+        pgconn = conn.pgconn
+        return pgconn.status == _OK and pgconn.transaction_status == _INERROR
+
+    async def record_unlocked(self, conn: AnyioConnection, taken: Job, outcome: Outcome) -> bool:
+        """Record ``outcome`` for ``taken`` (the job as ``take`` returned it) in a
+        new transaction, after its own transaction on ``conn`` failed to.
+
+        ``conn`` is reused once its failed transaction is rolled back, which
+        also frees the job's row; a connection that is broken is left for the
+        pool to discard, and a fresh one is borrowed. The write is guarded
+        (``_sql.record_unlocked``): it changes the job only if no one took,
+        ran or recorded it since. Returns whether it wrote.
+
+        Raises:
+            DatabaseError: PostgreSQL failed here too.
+            PoolTimeoutError: a fresh connection was needed and none was free.
+        """
+        assert taken.id is not None  # a stored job
+        job_id = taken.id
+        columns = {
+            "status": taken.status,
+            "retries": taken.retries,
+            "run_after": taken.run_after,
+            "ran_at": taken.ran_at,
+        }
+        outcome = self._scrubbed(outcome)
+        # Other workers of this process do not take the job meanwhile: it is
+        # still this one's until ``done``.
+        try:
+            with map_errors(self._log.redact, f"cannot record job {job_id}"):
+                if conn.pgconn.status == _OK:
+                    await conn.execute(_sql.ROLLBACK)
+                    row = await self._write_unlocked(conn, job_id, columns, outcome)
+                else:
+                    async with self._pool.connection() as fresh:
+                        row = await self._write_unlocked(fresh, job_id, columns, outcome)
+        except DatabaseError as exc:
+            if exc.sqlstate != _sql.LOCK_NOT_AVAILABLE:
+                raise
+            row = None  # a live worker elsewhere holds the job: it is theirs
+        self._held_back.pop(job_id, None)
+        return row is not None
+
+    @staticmethod
+    async def _write_unlocked(
+        conn: AnyioConnection, job_id: str, columns: dict[str, Any], outcome: Outcome
+    ) -> tuple[Any, ...] | None:
+        cur = await conn.execute(_sql.record_unlocked(job_id, columns, outcome, conn))
+        for _ in range(_sql.RECORD_UNLOCKED_RESULT):
+            cur.nextset()
+        return await cur.fetchone()
+
+    def _scrubbed(self, outcome: Outcome) -> Outcome:
+        """``outcome`` with the connection string's password scrubbed from its
+        error text (an exception message may quote the connection string)."""
+        if outcome.error is None:
+            return outcome
+        error = self._log.redact(outcome.error)
+        return outcome if error == outcome.error else replace(outcome, error=error)
+
+    def hold_back(self, job: Job) -> float:
+        """Leave ``job`` alone in this process for a while, because its outcome
+        could not be recorded even in a new transaction; returns for how many
+        seconds (``hold_back_seconds``, growing with each failure in a row).
+
+        The job stays due in the database; ``take`` skips it until then.
+        """
+        assert job.id is not None  # a stored job
+        now = anyio.current_time()
+        previous = self._held_back.pop(job.id, None)
+        failures = 1 if previous is None else previous.failures + 1
+        seconds = hold_back_seconds(failures)
+        self._held_back[job.id] = _HeldBack(job.queue, failures, now + seconds)
+        return seconds
+
+    def _skipped(self, queue: str) -> list[int]:
+        """Ids of ``queue``'s jobs held back now; forgets long-expired ones."""
+        now = anyio.current_time()
+        skip = []
+        for job_id, held in list(self._held_back.items()):
+            if held.until > now:
+                if held.queue == queue:
+                    skip.append(int(job_id))
+            elif now - held.until > _FORGET_HELD_BACK:
+                del self._held_back[job_id]
+        return skip
 
     # -- the schedulers ------------------------------------------------------------------
 

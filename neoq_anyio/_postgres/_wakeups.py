@@ -43,6 +43,7 @@ class Wakeups:
         self._sweeping = False
         self._stopped = False
         self._idle: deque[anyio.Event] = deque()
+        self._resting: deque[anyio.Event] = deque()
 
     def hint(self) -> None:
         """One job became due: wake one idle worker."""
@@ -75,6 +76,18 @@ class Wakeups:
         """Shutdown: every worker returns STOP from now on."""
         self._stopped = True
         self._wake_all()
+        while self._resting:
+            self._resting.popleft().set()
+
+    @property
+    def stopped(self) -> bool:
+        """Whether shutdown began: a worker takes no job from now on."""
+        return self._stopped
+
+    async def rest(self, seconds: float) -> None:
+        """Sleep ``seconds`` (a worker after an error); only shutdown cuts it short."""
+        if not self._stopped:
+            await wait_in_line(self._resting, seconds)
 
     def _wake_all(self) -> None:
         while self._idle:

@@ -12,6 +12,17 @@ transaction aborts and the job is due again.
 If the worker is cancelled mid-job (shutdown past ``shutdown_timeout``), the
 handler is cancelled, the pool rolls the transaction back, and the job stays
 queued exactly as it was.
+
+Recording never loops, and a run is recorded once. A success whose writes
+break a deferred constraint fails inside the job's transaction, which then
+records the failure. When that transaction is gone (its session ended) or
+cannot record the outcome, the worker records it in a new transaction
+(``JobStore.record_unlocked``): the run counts and backoff applies, as for any
+failure, and meanwhile the other workers of the process leave the job alone.
+If even that fails, this process leaves the job alone for a growing while
+(``JobStore.hold_back``); nothing stored changes, so such a job never goes to
+the dead jobs. A worker that meets database errors rests longer after each
+one in a row (1 s, doubling up to 30 s), or until shutdown.
 """
 
 from __future__ import annotations
@@ -22,9 +33,9 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from neoq_anyio._exceptions import DatabaseError
+from neoq_anyio._exceptions import DatabaseError, PoolTimeoutError
 from neoq_anyio._execution import call_handler, report
-from neoq_anyio._outcome import as_run, decide, refuse_to_run
+from neoq_anyio._outcome import after_failed_record, as_run, decide, refuse_to_run
 
 from ._wakeups import Wake, Wakeups
 
@@ -41,7 +52,8 @@ if TYPE_CHECKING:
 
 __all__ = ["QueueWorkers"]
 
-_ERROR_PAUSE = 1.0  # seconds a worker rests after a database error
+_ERROR_PAUSE = 1.0  # seconds a worker rests after a database error, doubling with each in a row
+_MAX_ERROR_PAUSE = 30.0
 
 
 class QueueWorkers:
@@ -89,6 +101,7 @@ class QueueWorkers:
         if self._running == 0:
             self._idle = anyio.Event()
         self._running += 1
+        errors = 0  # database errors in a row
         try:
             while True:
                 wake = await self.wakeups.wait()
@@ -98,15 +111,18 @@ class QueueWorkers:
                 try:
                     found = await self._take_and_run()
                 except DatabaseError as exc:
+                    errors += 1
+                    pause = min(_ERROR_PAUSE * 2 ** min(errors - 1, 10), _MAX_ERROR_PAUSE)
                     self._log.warning(
                         "queue %s: database error, trying again in %g s: %s",
                         self.handler.queue,
-                        _ERROR_PAUSE,
+                        pause,
                         exc,
                     )
-                    await anyio.sleep(_ERROR_PAUSE)
+                    await self.wakeups.rest(pause)
                     self.wakeups.retry()
                     continue
+                errors = 0
                 if not found:
                     self.wakeups.found_nothing(mark)
         finally:
@@ -115,31 +131,109 @@ class QueueWorkers:
                 self._idle.set()
 
     async def _take_and_run(self) -> bool:
-        """Take the next due job and run it; False when none was due."""
-        conn = await self._pool.acquire(math.inf)
+        """Take the next due job and run it; False when none was due, or
+        shutdown began while this worker waited for a connection."""
+        conn = await self._pool.acquire(math.inf, worker=True)
+        recorded = True
         try:
-            job = await self._store.take(conn, self.handler.queue)
-            if job is None:
+            if self.wakeups.stopped:  # shutdown began while we waited: take nothing
+                return False
+            taken = await self._store.take(conn, self.handler.queue)
+            if taken is None:
                 return False
             self.in_flight += 1
             try:
-                job, outcome = await self._run(conn, job)
+                job, outcome, failure = await self._run(conn, taken)
+                if failure is not None:
+                    outcome, recorded = await self._record_again(conn, taken, job, outcome, failure)
             finally:
                 self.in_flight -= 1
+                self._store.done(taken)
         finally:
             await self._pool.release(conn)
-        await report(outcome, job, self._recover, self._log)
+        await report(outcome, job, self._recover, self._log, recorded=recorded)
         return True
 
-    async def _run(self, conn: AnyioConnection, job: Job) -> tuple[Job, Outcome]:
-        """Run one locked job and record its outcome; returns the job as run."""
+    async def _run(
+        self, conn: AnyioConnection, taken: Job
+    ) -> tuple[Job, Outcome, DatabaseError | None]:
+        """Run one locked job and record its outcome in its transaction.
+
+        Returns the job as run, its outcome, and why the transaction could not
+        record it, if it could not.
+        """
+        job = taken
         outcome = refuse_to_run(job, datetime.now(UTC))
         if outcome is None:
             job = as_run(job)
             exc = await call_handler(self.handler, job, self._timeout, conn)
             outcome = decide(job, exc or self._store.handler_broke_transaction(conn))
         assert job.id is not None  # a stored job
-        await self._store.record(conn, job.id, outcome)
+        try:
+            await self._store.record(conn, job.id, outcome)
+        except DatabaseError as exc:
+            if not self._store.still_in_transaction(conn):
+                return job, outcome, exc
+            # Still holding the row (a deferred constraint the handler broke,
+            # a twin's failure committed meanwhile): once more, as a failure.
+            outcome = after_failed_record(job, outcome, exc)
+            try:
+                await self._store.record(conn, job.id, outcome)
+            except DatabaseError as again:
+                return job, outcome, again
         if outcome.kind == "retry":
             self._on_retry(job.id, job.queue, outcome.delay)
-        return job, outcome
+        return job, outcome, None
+
+    async def _record_again(
+        self,
+        conn: AnyioConnection,
+        taken: Job,
+        job: Job,
+        outcome: Outcome,
+        failure: DatabaseError,
+    ) -> tuple[Outcome, bool]:
+        """Record in a new transaction what the job's own could not (``failure``).
+
+        Returns the outcome recorded (a success whose commit failed is now a
+        failure) and whether it was recorded: a job someone else took
+        meanwhile is theirs; one that cannot be recorded at all is held back.
+        """
+        assert job.id is not None  # a stored job
+        outcome = after_failed_record(job, outcome, failure)
+        queue = job.queue
+        extra = {"job_id": job.id, "queue": queue}
+        self._log.warning(
+            "job %s on queue %s: its transaction could not record the outcome (%s); "
+            "recording it in a new transaction",
+            job.id,
+            queue,
+            failure,
+            extra=extra,
+        )
+        try:
+            recorded = await self._store.record_unlocked(conn, taken, outcome)
+        except (DatabaseError, PoolTimeoutError) as exc:
+            seconds = self._store.hold_back(job)
+            self._on_retry(job.id, queue, seconds)  # a wake-up once it may run again
+            self._log.error(
+                "job %s on queue %s: cannot record its outcome (%s); "
+                "this process leaves it alone for %g s",
+                job.id,
+                queue,
+                exc,
+                seconds,
+                extra=extra,
+            )
+            return outcome, False
+        if not recorded:
+            self._log.warning(
+                "job %s on queue %s: outcome not recorded: the job was taken or "
+                "recorded elsewhere meanwhile",
+                job.id,
+                queue,
+                extra=extra,
+            )
+        elif outcome.kind == "retry":
+            self._on_retry(job.id, queue, outcome.delay)
+        return outcome, recorded

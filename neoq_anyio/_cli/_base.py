@@ -1,0 +1,127 @@
+"""What every command shares: the Click group, common options, running on a loop, errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from typing import TYPE_CHECKING, Any, NoReturn
+
+import anyio
+import click
+
+from neoq_anyio._open import lone_exception
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+    from datetime import datetime
+
+    from neoq_anyio._models import Job
+
+__all__ = [
+    "Failure",
+    "cli",
+    "dsn_option",
+    "echo_json",
+    "job_document",
+    "json_option",
+    "loop_option",
+    "require_dsn",
+    "run",
+    "usage",
+]
+
+_LOOPS = ("asyncio", "trio")
+
+
+class Failure(Exception):
+    """An action that cannot apply (exit status 1)."""
+
+
+def usage(message: str) -> NoReturn:
+    raise click.UsageError(message)
+
+
+def dsn_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--dsn",
+        envvar="NEOQ_DSN",
+        metavar="DSN",
+        help="PostgreSQL connection string (URL or key=value); default: $NEOQ_DSN.",
+    )(function)
+
+
+def loop_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--loop",
+        type=click.Choice(_LOOPS),
+        default="asyncio",
+        show_default=True,
+        help="The event loop to run on.",
+    )(function)
+
+
+def json_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--json", "as_json", is_flag=True, help="Print exactly one JSON document, for scripts."
+    )(function)
+
+
+def require_dsn(dsn: str | None) -> str:
+    """The DSN, checked before anything starts (a bad one is a usage error)."""
+    from neoq_anyio._pg._dsn import parse_connection_string
+
+    if not dsn:
+        usage("no database: pass --dsn or set NEOQ_DSN")
+    parse_connection_string(dsn)  # raises ConnectionStringError, naming the culprit
+    return dsn
+
+
+def run(function: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
+    """Run ``function`` on the chosen loop through AnyIO."""
+    if loop == "trio" and importlib.util.find_spec("trio") is None:
+        usage("--loop trio needs trio: pip install 'neoq_anyio[trio]'")
+    try:
+        return anyio.run(function, backend=loop)
+    except BaseExceptionGroup as group:
+        lone = lone_exception(group)
+        if lone is None:
+            raise
+        raise lone from None
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """neoq_anyio: background jobs on PostgreSQL, for asyncio and trio.
+
+    \b
+    Run workers:      neoq-anyio worker myapp.jobs:setup --dsn postgresql://app@db/app
+    Set up a schema:  neoq-anyio migrate
+    Queue a job:      neoq-anyio enqueue emails '{"to": "ada@example.com"}'
+
+    Every command takes --dsn, or reads NEOQ_DSN. `neoq-anyio COMMAND --help`
+    tells more.
+    """
+
+
+def job_document(job: Job) -> dict[str, Any]:
+    """A job as the ``--json`` output shows it."""
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "status": job.status,
+        "payload": job.payload,
+        "retries": job.retries,
+        "max_retries": job.max_retries,
+        "run_after": _iso(job.run_after),
+        "ran_at": _iso(job.ran_at),
+        "created_at": _iso(job.created_at),
+        "error": job.error,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def echo_json(document: Any) -> None:
+    click.echo(json.dumps(document, ensure_ascii=False))

@@ -1,0 +1,228 @@
+"""The ``neoq-anyio`` command line, run as a real subprocess with real signals.
+
+Each async test drives the CLI on the loop it runs on (``--loop``), so the
+worker command is covered on asyncio and trio. The application module the
+worker imports is written into a temporary directory, which becomes the
+subprocess's working directory (the CLI puts it on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from anyio.abc import Process
+
+from neoq_anyio import Job, open_backend
+
+from .conftest import Database, wait_until
+
+APP = """
+import os
+import pathlib
+
+import anyio
+
+from neoq_anyio import Handler, Job
+
+MARKS = pathlib.Path(os.environ["MARKS"])
+
+
+async def run(job: Job) -> None:
+    (MARKS / f"started-{job.id}").touch()
+    if job.payload["mode"] == "forever":
+        await anyio.sleep_forever()
+    while job.payload["mode"] == "release" and not (MARKS / "release").exists():
+        await anyio.sleep(0.01)
+
+
+async def setup(nq) -> None:
+    await nq.start(Handler("cli", run, concurrency=2))
+"""
+
+
+@pytest.fixture
+def app(tmp_path: Path) -> Path:
+    (tmp_path / "cli_app.py").write_text(APP)
+    return tmp_path
+
+
+def _env(dsn: str, marks: Path) -> dict[str, str]:
+    return {**os.environ, "NEOQ_DSN": dsn, "MARKS": str(marks), "PYTHONUNBUFFERED": "1"}
+
+
+class Worker:
+    """A ``neoq-anyio worker`` subprocess whose stderr is read as it comes."""
+
+    def __init__(self, process: Process) -> None:
+        self.process = process
+        self.stderr = ""
+        self._grew = anyio.Event()
+
+    async def read(self) -> None:
+        assert self.process.stderr is not None
+        async for chunk in self.process.stderr:
+            self.stderr += chunk.decode(errors="replace")
+            self._grew.set()
+            self._grew = anyio.Event()
+
+    async def wait_for_log(self, text: str, timeout: float = 20) -> None:
+        with anyio.fail_after(timeout):
+            while text not in self.stderr:
+                await self._grew.wait()
+
+    def signal(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    async def exit_status(self, timeout: float = 20) -> int:
+        with anyio.fail_after(timeout):
+            return await self.process.wait()
+
+
+@asynccontextmanager
+async def worker(app: Path, dsn: str, loop: str) -> AsyncIterator[Worker]:
+    """Run the worker for the block; killed if still running at the end."""
+    command = [sys.executable, "-m", "neoq_anyio", "worker", "cli_app:setup", "--loop", loop]
+    process = await anyio.open_process(
+        command, cwd=app, env=_env(dsn, app), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    running = Worker(process)
+    try:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(running.read)
+            yield running
+            await running.exit_status()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            with anyio.move_on_after(5, shield=True):
+                await process.wait()
+
+
+async def _enqueue(dsn: str, mode: str) -> str:
+    async with open_backend(dsn) as nq:
+        return await nq.enqueue(Job("cli", {"mode": mode}))
+
+
+async def _status(db: Database, job_id: str) -> Any:
+    return await db.value("SELECT status::text FROM neoq_jobs WHERE id = %s", (int(job_id),))
+
+
+async def test_worker_processes_jobs_and_stops_cleanly_on_sigterm(
+    app: Path, dsn: str, db: Database, anyio_backend_name: str
+) -> None:
+    job_id = await _enqueue(dsn, "quick")
+    async with worker(app, dsn, anyio_backend_name) as running:
+        await db.wait_for(
+            f"SELECT status::text FROM neoq_jobs WHERE id = {int(job_id)}",
+            lambda status: status == "processed",
+            timeout=20,
+        )
+        running.signal(signal.SIGTERM)
+        assert await running.exit_status() == 0, running.stderr
+    assert "worker stopped" in running.stderr
+
+
+async def test_first_signal_lets_the_job_in_flight_finish(
+    app: Path, dsn: str, db: Database, anyio_backend_name: str
+) -> None:
+    job_id = await _enqueue(dsn, "release")
+    async with worker(app, dsn, anyio_backend_name) as running:
+        await wait_until(lambda: (app / f"started-{job_id}").exists(), timeout=20)
+        running.signal(signal.SIGTERM)
+        await running.wait_for_log("taking no more jobs")
+        assert running.process.returncode is None  # waiting for the job in flight ...
+        (app / "release").touch()  # ... which then finishes
+        assert await running.exit_status() == 0, running.stderr
+    assert await _status(db, job_id) == "processed"
+
+
+async def test_second_signal_cancels_the_job_which_stays_queued(
+    app: Path, dsn: str, db: Database, anyio_backend_name: str
+) -> None:
+    job_id = await _enqueue(dsn, "forever")
+    async with worker(app, dsn, anyio_backend_name) as running:
+        await wait_until(lambda: (app / f"started-{job_id}").exists(), timeout=20)
+        running.signal(signal.SIGTERM)
+        await running.wait_for_log("taking no more jobs")
+        running.signal(signal.SIGINT)
+        assert await running.exit_status() == 1, running.stderr
+    assert "Traceback" not in running.stderr
+    row = await db.fetch(
+        "SELECT status::text, retries, error FROM neoq_jobs WHERE id = %s", (int(job_id),)
+    )
+    assert row == [("new", 0, None)]  # untouched: it runs again later
+
+
+@pytest.mark.parametrize(
+    ("args", "env_dsn", "message"),
+    [
+        pytest.param(["worker", "no_such_module:setup"], True, "cannot import module", id="module"),
+        pytest.param(["worker", "cli_app:missing"], True, "has no attribute", id="attribute"),
+        pytest.param(["worker", "cli_app"], True, "expected MODULE:FUNCTION", id="malformed"),
+        pytest.param(["worker", "cli_app:APP_NAME"], True, "not an async function", id="not-async"),
+        pytest.param(["worker", "cli_app:setup"], False, "pass --dsn or set NEOQ_DSN", id="no-dsn"),
+        pytest.param(["enqueue", "q", "{nope"], True, "not valid JSON", id="bad-json"),
+        pytest.param(["worker", "--dsn", "mysql://x", "cli_app:setup"], False, "scheme", id="dsn"),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    app: Path, args: list[str], env_dsn: bool, message: str
+) -> None:
+    (app / "cli_app.py").write_text(APP + "\nAPP_NAME = 'cli'\n")
+    env = {**os.environ, "MARKS": str(app)}
+    env.pop("NEOQ_DSN", None)
+    if env_dsn:
+        env["NEOQ_DSN"] = "postgresql://127.0.0.1:1/unused"
+    result = subprocess.run(
+        [sys.executable, "-m", "neoq_anyio", *args],
+        cwd=app,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("neoq-anyio: error:")
+    assert message in lines[0]
+
+
+def test_help_names_every_command() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "neoq_anyio", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    for command in ("worker", "migrate", "enqueue"):
+        assert command in result.stdout
+
+
+async def test_migrate_then_enqueue(dsn: str, db: Database) -> None:
+    env = {**os.environ, "NEOQ_DSN": dsn}
+    migrated = await anyio.run_process([sys.executable, "-m", "neoq_anyio", "migrate"], env=env)
+    assert b"up to date" in migrated.stdout
+    assert await db.value("SELECT count(*) FROM neoq_anyio_migrations") == 1
+    queued = await anyio.run_process(
+        [sys.executable, "-m", "neoq_anyio", "enqueue", "mail", '{"to": "ada"}', "--delay", "60"],
+        env=env,
+    )
+    job_id = queued.stdout.decode().strip()
+    row = await db.fetch(
+        "SELECT queue, payload->>'to', run_after > now() + interval '50 seconds' "
+        "FROM neoq_jobs WHERE id = %s",
+        (int(job_id),),
+    )
+    assert row == [("mail", "ada", True)]
