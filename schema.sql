@@ -138,3 +138,8 @@ CREATE TABLE IF NOT EXISTS neoq_anyio_cron_ticks (
     tick timestamp with time zone NOT NULL,
     PRIMARY KEY (queue, tick)
 );
+
+-- Version 3: dead jobs are looked up by id (get_job, retry_job) and pruned
+-- by the time they died; Go neoq's table has no index at all.
+CREATE INDEX IF NOT EXISTS neoq_anyio_dead_jobs_id_idx ON neoq_dead_jobs (id);
+CREATE INDEX IF NOT EXISTS neoq_anyio_dead_jobs_created_at_idx ON neoq_dead_jobs (created_at);

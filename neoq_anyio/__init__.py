@@ -27,6 +27,7 @@ from ._exceptions import PoolTimeoutError as PoolTimeoutError
 from ._memory import MemoryBackend as MemoryBackend
 from ._models import Handler as Handler
 from ._models import Job as Job
+from ._models import QueueStats as QueueStats
 from ._open import DEFAULT_CONNECTION_TIMEOUT as DEFAULT_CONNECTION_TIMEOUT
 from ._open import open_backend as open_backend
 from ._pg._connection import AnyioConnection as AnyioConnection
@@ -61,6 +62,7 @@ __all__ = (
     "PoolStatistics",
     "PoolTimeoutError",
     "PostgresBackend",
+    "QueueStats",
     "current_job",
     "current_transaction",
     "open_backend",

@@ -31,7 +31,7 @@ import anyio
 
 from ._cron import CronTicker, WallClock
 from ._cron_schedule import parse_cron_spec
-from ._exceptions import ConfigurationError, NeoqError
+from ._exceptions import ConfigurationError, DatabaseError, NeoqError, PoolTimeoutError
 from ._log import BackendLog
 from ._models import check_queue_name
 
@@ -44,13 +44,36 @@ if TYPE_CHECKING:
     import psycopg
     from anyio.abc import TaskGroup, TaskStatus
 
-    from ._models import Handler, Job, RecoverCallback
+    from ._models import Handler, Job, JobStatus, QueueStats, RecoverCallback
     from ._pg._connection import AnyioConnection
     from ._pg._pool import PoolStatistics
 
-__all__ = ["Backend", "BackendStatistics", "Options"]
+__all__ = ["Backend", "BackendStatistics", "Options", "check_listing"]
 
 _CANCEL_GRACE = 5.0  # seconds cancelled workers get to roll back before the pool closes
+_PRUNE_INTERVAL = 60.0  # seconds between retention passes, at most
+_STATUSES = frozenset({"new", "running", "failed", "processed", "dead"})
+_MAX_LIMIT = 10_000
+
+
+def check_listing(status: object, limit: object, before_id: object) -> int | None:
+    """Check ``list_jobs``' arguments; ``before_id`` as a number.
+
+    Raises:
+        ConfigurationError: an unknown status, a limit out of range, or a
+            ``before_id`` no job can have.
+    """
+    if status is not None and status not in _STATUSES:
+        raise ConfigurationError(
+            f"status must be one of {', '.join(sorted(_STATUSES))}, got {status!r}"
+        )
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= _MAX_LIMIT:
+        raise ConfigurationError(f"limit must be an int from 1 to {_MAX_LIMIT}, got {limit!r}")
+    if before_id is None:
+        return None
+    if not (isinstance(before_id, str) and before_id.isascii() and before_id.isdigit()):
+        raise ConfigurationError(f"before_id must be a job id, got {before_id!r}")
+    return int(before_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +111,8 @@ class Options:
     shutdown_timeout: float
     recovery_callback: RecoverCallback | None
     logger: logging.Logger
+    keep_processed: float | None = None
+    keep_dead: float | None = None
 
 
 class Backend(ABC):
@@ -190,6 +215,84 @@ class Backend(ABC):
     def statistics(self) -> BackendStatistics:
         """A snapshot of the queues with a handler, the jobs running now and the pool's use."""
 
+    # -- managing jobs -------------------------------------------------------------------
+
+    @abstractmethod
+    async def get_job(self, job_id: str) -> Job | None:
+        """The job with this id, from the live or the dead jobs; ``None`` if unknown.
+
+        Raises:
+            DatabaseError: PostgreSQL failed.
+        """
+
+    @abstractmethod
+    async def list_jobs(
+        self,
+        *,
+        queue: str | None = None,
+        status: JobStatus | None = None,
+        limit: int = 100,
+        before_id: str | None = None,
+    ) -> list[Job]:
+        """Jobs, newest first, the dead ones included, paged by id.
+
+        Args:
+            queue: only this queue's jobs.
+            status: only jobs in this status (``"dead"`` for the dead jobs).
+            limit: at most this many (1 to 10,000).
+            before_id: only jobs older than this one: pass the last id of a
+                page to get the next.
+
+        Raises:
+            ConfigurationError: an unknown status, or a limit out of range.
+            DatabaseError: PostgreSQL failed.
+        """
+
+    @abstractmethod
+    async def retry_job(self, job_id: str) -> Job:
+        """Run a job again now; it keeps its id. Returns the job as it now is.
+
+        A dead job goes back to its queue, due now, with its ``retries`` and
+        ``max_retries`` as they were, so it gets one more run (a failure then
+        sends it back to the dead jobs). A failed job waiting for its retry,
+        and a job scheduled for later, become due now. A processed job runs
+        once more. A job being run now is left as it is.
+
+        Raises:
+            NoJobError: no job has this id.
+            DuplicateJobError: an unprocessed job with the same queue,
+                fingerprint and status exists; nothing changed.
+            DatabaseError: PostgreSQL failed.
+        """
+
+    @abstractmethod
+    async def cancel_job(self, job_id: str) -> bool:
+        """Move a job not yet processed to the dead jobs, with the error ``cancelled``.
+
+        Returns ``False``, changing nothing, for an unknown id, a processed or
+        dead job, or a job being run now in transaction mode.
+
+        Raises:
+            DatabaseError: PostgreSQL failed.
+        """
+
+    @abstractmethod
+    async def delete_job(self, job_id: str) -> bool:
+        """Delete a job, live or dead; ``False`` for an unknown id or a job
+        being run now.
+
+        Raises:
+            DatabaseError: PostgreSQL failed.
+        """
+
+    @abstractmethod
+    async def queue_stats(self) -> list[QueueStats]:
+        """Every queue that has jobs (dead ones included), by name, with its counts.
+
+        Raises:
+            DatabaseError: PostgreSQL failed.
+        """
+
     async def start_cron(
         self, spec: str, handler: Handler, *, timezone: tzinfo | None = None
     ) -> Handler:
@@ -276,6 +379,39 @@ class Backend(ABC):
         for scope in self._worker_scopes:
             scope.cancel(reason=reason)
 
+    async def _prune_now(self, age: float | None = None) -> tuple[int, int]:
+        """Delete processed and dead jobs older than ``age`` seconds (default:
+        ``keep_processed`` and ``keep_dead``); how many of each were deleted."""
+        options = self._options
+        if age is not None:
+            return await self._prune(processed_age=age, dead_age=age)
+        return await self._prune(processed_age=options.keep_processed, dead_age=options.keep_dead)
+
+    async def _prune_periodically(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Retention: prune at least every ``min(keep, 60 s)`` (a service)."""
+        task_status.started()
+        keeps = [k for k in (self._options.keep_processed, self._options.keep_dead) if k]
+        interval = min([*keeps, _PRUNE_INTERVAL])
+        while True:
+            try:
+                processed, dead = await self._prune_now()
+            except (DatabaseError, PoolTimeoutError) as exc:
+                self._log.warning("cannot prune old jobs: %s", exc)
+            else:
+                if processed or dead:
+                    self._log.info("pruned %d processed and %d dead jobs", processed, dead)
+            await self._sleep(interval)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep on the backend's clock (the in-memory backend's may be moved)."""
+        await self._cron_clock.sleep(seconds)
+
+    def _retains(self) -> bool:
+        """Whether anything is ever pruned (``keep_*`` not both ``None``)."""
+        return self._options.keep_processed is not None or self._options.keep_dead is not None
+
     # -- what each backend provides ------------------------------------------------------
 
     async def _prepare(self) -> None:  # noqa: B027 - optional hook
@@ -301,6 +437,13 @@ class Backend(ABC):
         """Release resources once every task is cancelled."""
 
     # -- for neoq_anyio.testing ----------------------------------------------------------
+
+    @abstractmethod
+    async def _prune(
+        self, *, processed_age: float | None, dead_age: float | None
+    ) -> tuple[int, int]:
+        """Delete processed jobs that ran, and dead jobs that died, longer than
+        the ages ago (``None``: keep them); how many of each were deleted."""
 
     @abstractmethod
     async def _wait_drained(self) -> None:

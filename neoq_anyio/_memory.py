@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any, Never
 import anyio
 import anyio.lowlevel
 
-from ._backend import Backend, BackendStatistics
+from ._backend import Backend, BackendStatistics, check_listing
 from ._cron import WallClock
-from ._exceptions import DuplicateJobError, NoTransactionError
+from ._exceptions import DuplicateJobError, NoJobError, NoTransactionError
 from ._execution import WorkerTimer, report, run_handler
 from ._fingerprint import encode_payload
-from ._models import Job, validate_job
+from ._models import Job, QueueStats, validate_job
 from ._outcome import as_run, decide, refuse_to_run
 from ._sync import wait_in_line
 
@@ -45,11 +45,12 @@ if TYPE_CHECKING:
     import psycopg
 
     from ._backend import Options
-    from ._models import Handler, RecoverCallback
+    from ._models import Handler, JobStatus, RecoverCallback
     from ._outcome import Outcome
 
 __all__ = ["MemoryBackend", "MemoryClock"]
 
+_COUNTED = ("due", "scheduled", "running", "failed", "processed", "dead")
 _STREAK = 8  # jobs a worker runs back to back before it yields to the loop
 
 
@@ -152,6 +153,10 @@ class MemoryBackend(Backend):
         self._workers_done.set()
         self._stopping = False
         self._progress: anyio.Event | None = None  # made on demand by _wait_drained
+        self._running_ids: set[str] = set()  # jobs whose handler runs now
+        # Jobs retry_job made due at another time than their heap entry says:
+        # only their entries are checked for staleness (see _stale).
+        self._rescheduled: set[str] = set()
 
     # -- the public API ----------------------------------------------------------------
 
@@ -203,6 +208,142 @@ class MemoryBackend(Backend):
         self._spawn_workers(lambda: self._work(queue, handler, recover), handler.concurrency)
         await anyio.lowlevel.checkpoint()
 
+    # -- managing jobs -------------------------------------------------------------------
+
+    async def get_job(self, job_id: str) -> Job | None:
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        return self._jobs.get(job_id) or self._dead.get(job_id)
+
+    async def list_jobs(
+        self,
+        *,
+        queue: str | None = None,
+        status: JobStatus | None = None,
+        limit: int = 100,
+        before_id: str | None = None,
+    ) -> list[Job]:
+        self._check_open()
+        before = check_listing(status, limit, before_id)
+        await anyio.lowlevel.checkpoint()
+        found = [
+            job
+            for jobs in (self._jobs, self._dead)
+            for job in jobs.values()
+            if (queue is None or job.queue == queue)
+            and (status is None or job.status == status)
+            and (before is None or int(job.id or 0) < before)
+        ]
+        found.sort(key=lambda job: int(job.id or 0), reverse=True)
+        return found[:limit]
+
+    async def retry_job(self, job_id: str) -> Job:
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        job = self._jobs.get(job_id)
+        if job is None:
+            dead = self._dead.get(job_id)
+            if dead is None:
+                raise NoJobError(f"no job {job_id!r}")
+            return self._reschedule(dead, status="new", was_dead=True)
+        if job_id in self._running_ids:
+            return job  # being run: left as it is
+        return self._reschedule(job, status="new" if job.status == "processed" else job.status)
+
+    def _reschedule(self, job: Job, *, status: JobStatus, was_dead: bool = False) -> Job:
+        """Make ``job`` due now with ``status`` (``retry_job``)."""
+        assert job.id is not None
+        queue = self._queue(job.queue)
+        key = (job.queue, job.fingerprint or "", status)
+        if self._unique.get(key, job.id) != job.id:
+            raise DuplicateJobError(
+                f"cannot retry job {job.id}: an unprocessed job with the same queue, "
+                "fingerprint and status is queued"
+            )
+        old_key = (job.queue, job.fingerprint or "", job.status)
+        if not was_dead and self._unique.get(old_key) == job.id:
+            del self._unique[old_key]
+        now = self.clock.now()
+        changes: dict[str, Any] = {"status": status, "run_after": now}
+        if was_dead:
+            del self._dead[job.id]
+            changes["ran_at"] = None
+        if was_dead or job.status == "processed":
+            queue.unprocessed += 1
+        retried = job._evolve(**changes)
+        self._jobs[job.id] = retried
+        self._unique[key] = job.id
+        self._rescheduled.add(job.id)
+        queue.push(self.clock.to_monotonic(now), retried)
+        return retried
+
+    async def cancel_job(self, job_id: str) -> bool:
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        job = self._jobs.get(job_id)
+        if job is None or job.status == "processed" or job_id in self._running_ids:
+            return False
+        self._unique.pop((job.queue, job.fingerprint or "", job.status), None)
+        del self._jobs[job_id]
+        self._rescheduled.discard(job_id)
+        self._dead[job_id] = job._evolve(
+            status="dead", error="cancelled", created_at=self.clock.now()
+        )
+        self._queue(job.queue).done_one()
+        self._notify_progress()
+        return True
+
+    async def delete_job(self, job_id: str) -> bool:
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        if self._dead.pop(job_id, None) is not None:
+            return True
+        job = self._jobs.get(job_id)
+        if job is None or job_id in self._running_ids:
+            return False
+        del self._jobs[job_id]
+        self._rescheduled.discard(job_id)
+        if job.status != "processed":
+            self._unique.pop((job.queue, job.fingerprint or "", job.status), None)
+            self._queue(job.queue).done_one()
+        self._notify_progress()
+        return True
+
+    async def queue_stats(self) -> list[QueueStats]:
+        self._check_open()
+        await anyio.lowlevel.checkpoint()
+        now = self.clock.now()
+        counts: dict[str, dict[str, int]] = {}
+        oldest: dict[str, datetime] = {}
+        for job in self._jobs.values():
+            count = counts.setdefault(job.queue, dict.fromkeys(_COUNTED, 0))
+            due = job.run_after is None or job.run_after <= now
+            if job.status == "processed":
+                count["processed"] += 1
+            elif due:
+                count["due"] += 1
+                assert job.run_after is not None
+                if job.queue not in oldest or job.run_after < oldest[job.queue]:
+                    oldest[job.queue] = job.run_after
+            else:
+                count["failed" if job.status == "failed" else "scheduled"] += 1
+        for job in self._dead.values():
+            counts.setdefault(job.queue, dict.fromkeys(_COUNTED, 0))["dead"] += 1
+        return [
+            QueueStats(
+                queue=name,
+                **count,
+                oldest_due_seconds=(now - oldest[name]).total_seconds() if name in oldest else None,
+                paused=False,
+            )
+            for name, count in sorted(counts.items())
+        ]
+
+    def _stale(self, job: Job, due: float) -> bool:
+        """Whether a heap entry of a rescheduled job is an old one."""
+        assert job.run_after is not None
+        return due != self.clock.to_monotonic(job.run_after)
+
     def connection(self) -> AbstractAsyncContextManager[Never]:
         return _no_connection()
 
@@ -226,6 +367,7 @@ class MemoryBackend(Backend):
         self._workers += 1
         self._workers_done = anyio.Event() if self._workers == 1 else self._workers_done
         heap, clock = queue.heap, self.clock
+        rescheduled, running_ids = self._rescheduled, self._running_ids
         timer = WorkerTimer(handler.timeout_seconds)
         running: Job | None = None  # the stored job whose handler runs now
         streak = 0
@@ -237,8 +379,13 @@ class MemoryBackend(Backend):
                             timer.pause()  # idle: nothing to time out
                             await self._idle_wait(queue)
                             continue
-                        job = self._jobs.get(heapq.heappop(heap)[2])
-                        if job is None or job.status == "processed":
+                        due, _, job_id = heapq.heappop(heap)
+                        job = self._jobs.get(job_id)
+                        if (
+                            job is None
+                            or job.status == "processed"
+                            or (rescheduled and job_id in rescheduled and self._stale(job, due))
+                        ):
                             self._notify_progress()  # drain() may be waiting on it
                             continue
                         refused = refuse_to_run(job, clock.now())
@@ -249,6 +396,7 @@ class MemoryBackend(Backend):
                         timer.start()
                         running = job
                         self._in_flight += 1
+                        running_ids.add(job_id)
                         exc = await run_handler(handler, seen)
                         if timer.fired():
                             # The handler caught its timeout's cancellation and
@@ -256,6 +404,7 @@ class MemoryBackend(Backend):
                             # the cancelled scope.
                             break
                         self._in_flight -= 1
+                        running_ids.discard(job_id)
                         running = None
                         outcome = decide(seen, exc)
                         self._store_outcome(queue, job, outcome)
@@ -271,11 +420,13 @@ class MemoryBackend(Backend):
                 if running is not None:  # the timer cut the running job short
                     job, running = running, None
                     self._in_flight -= 1
+                    running_ids.discard(job.id or "")
                     seen = as_run(job)
                     await self._conclude(queue, job, seen, decide(seen, timer.error()), recover)
         except BaseException:
             if running is not None:  # cancelled at shutdown: the job stays queued as it was
                 self._in_flight -= 1
+                running_ids.discard(running.id or "")
                 queue.push(clock.monotonic(), running)
             raise
         finally:
@@ -312,6 +463,7 @@ class MemoryBackend(Backend):
             self._jobs[job.id] = job._evolve(
                 status="processed", ran_at=now, error=None, retries=outcome.retries
             )
+            self._rescheduled.discard(job.id)
             queue.done_one()
         elif outcome.kind == "retry":
             run_after = now + timedelta(seconds=outcome.delay)
@@ -327,8 +479,9 @@ class MemoryBackend(Backend):
             queue.push(self.clock.to_monotonic(run_after), failed)
         else:
             del self._jobs[job.id]
+            self._rescheduled.discard(job.id)
             self._dead[job.id] = job._evolve(
-                status="failed", error=outcome.error, retries=outcome.retries, created_at=now
+                status="dead", error=outcome.error, retries=outcome.retries, created_at=now
             )
             queue.done_one()
 
@@ -340,7 +493,37 @@ class MemoryBackend(Backend):
     # -- the backend's hooks -------------------------------------------------------------
 
     async def _start_services(self) -> None:
+        if self._retains():
+            await self._task_group.start(self._run_service, self._prune_periodically)
         await anyio.lowlevel.checkpoint()
+
+    async def _prune(
+        self, *, processed_age: float | None, dead_age: float | None
+    ) -> tuple[int, int]:
+        await anyio.lowlevel.checkpoint()
+        now = self.clock.now()
+        processed = dead = 0
+        if processed_age is not None:
+            cutoff = now - timedelta(seconds=processed_age)
+            old = [
+                job_id
+                for job_id, job in self._jobs.items()
+                if job.status == "processed" and job.ran_at is not None and job.ran_at < cutoff
+            ]
+            for job_id in old:
+                del self._jobs[job_id]
+            processed = len(old)
+        if dead_age is not None:
+            cutoff = now - timedelta(seconds=dead_age)
+            gone = [
+                job_id
+                for job_id, job in self._dead.items()
+                if job.created_at is not None and job.created_at < cutoff
+            ]
+            for job_id in gone:
+                del self._dead[job_id]
+            dead = len(gone)
+        return processed, dead
 
     def _queue(self, name: str) -> _Queue:
         queue = self._queues.get(name)

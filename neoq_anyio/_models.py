@@ -25,11 +25,12 @@ __all__ = [
     "Handler",
     "Job",
     "JobStatus",
+    "QueueStats",
     "check_queue_name",
     "validate_job",
 ]
 
-JobStatus: TypeAlias = Literal["new", "processed", "failed"]
+JobStatus: TypeAlias = Literal["new", "running", "failed", "processed", "dead"]
 
 DEFAULT_CONCURRENCY = 50
 """Jobs a handler runs at once in one process when not told otherwise (Go neoq's value)."""
@@ -70,8 +71,9 @@ class Job:
             database default (23).
 
     Read-only fields (set by the backend): ``id`` (str), ``status``
-    (``"new"``, ``"processed"`` or ``"failed"``), ``retries``, ``ran_at``,
-    ``error``, ``created_at``.
+    (``"new"``, ``"running"``, ``"failed"``, ``"processed"`` or ``"dead"``),
+    ``retries``, ``ran_at``, ``error``, ``created_at`` (for a dead job: when
+    it died).
     """
 
     queue: str
@@ -125,6 +127,35 @@ class Job:
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job))
 _JOB_FIELD_SET = frozenset(_JOB_FIELDS)
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    """One queue's jobs by state, from ``queue_stats()``.
+
+    Attributes:
+        queue: the queue's name.
+        due: jobs that may run now (new or failed, ``run_after`` passed),
+            those being run in transaction mode included.
+        scheduled: new jobs whose ``run_after`` is still ahead.
+        running: jobs leased by a worker now (lease mode).
+        failed: failed jobs waiting for their retry's ``run_after``.
+        processed: processed jobs kept (see retention).
+        dead: jobs in the dead jobs.
+        oldest_due_seconds: how long the oldest due job has been due, from its
+            ``run_after``; ``None`` when nothing is due.
+        paused: whether the queue is paused.
+    """
+
+    queue: str
+    due: int
+    scheduled: int
+    running: int
+    failed: int
+    processed: int
+    dead: int
+    oldest_due_seconds: float | None
+    paused: bool
 
 
 def _utc(value: datetime | None) -> datetime | None:

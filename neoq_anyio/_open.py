@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_CONNECTION_TIMEOUT", "lone_exception", "open_backend"]
 
+DEFAULT_KEEP_PROCESSED = 86_400.0  # one day
+DEFAULT_KEEP_DEAD = 30 * 86_400.0  # thirty days
+
 DEFAULT_CONNECTION_TIMEOUT = 30.0
 """Seconds to wait for a pooled connection before ``PoolTimeoutError`` (Go neoq's default)."""
 
@@ -60,6 +63,8 @@ async def open_backend(
     shutdown_timeout: float | timedelta = 30.0,
     recovery_callback: RecoverCallback | None = None,
     logger: logging.Logger | None = None,
+    keep_processed: float | timedelta | None = DEFAULT_KEEP_PROCESSED,
+    keep_dead: float | timedelta | None = DEFAULT_KEEP_DEAD,
 ) -> AsyncIterator[Backend]:
     """Open a backend for the block; leaving the block shuts it down.
 
@@ -91,6 +96,12 @@ async def open_backend(
             before they are cancelled (30).
         recovery_callback: default ``callback(job, exc)`` for handler errors.
         logger: where log records go (default: ``logging.getLogger("neoq_anyio")``).
+        keep_processed: how long processed jobs are kept, from when they ran
+            (1 day); ``None`` keeps them for ever.
+        keep_dead: how long dead jobs are kept, from when they died (30
+            days); ``None`` keeps them for ever. One process at a time
+            deletes older ones, in small batches, at least every
+            ``min(keep, 60 s)``.
 
     Durations are seconds (``float``) or ``datetime.timedelta``. The
     in-memory backend accepts the same options and ignores those about
@@ -146,6 +157,10 @@ async def open_backend(
         shutdown_timeout=to_seconds(shutdown_timeout, name="shutdown_timeout"),
         recovery_callback=recovery_callback,
         logger=logger or logging.getLogger("neoq_anyio"),
+        keep_processed=None
+        if keep_processed is None
+        else to_seconds(keep_processed, name="keep_processed"),
+        keep_dead=None if keep_dead is None else to_seconds(keep_dead, name="keep_dead"),
     )
     backend: Backend
     if connection_string.strip() == _MEMORY:

@@ -8,12 +8,14 @@ subprocess's working directory (the CLI puts it on ``sys.path``).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ import anyio
 import pytest
 from anyio.abc import Process
 
-from neoq_anyio import Job, open_backend
+from neoq_anyio import Handler, Job, open_backend
+from neoq_anyio.testing import drain
 
 from .conftest import Database, wait_until
 
@@ -206,7 +209,7 @@ def test_help_names_every_command() -> None:
         timeout=30,
         check=True,
     )
-    for command in ("worker", "migrate", "enqueue"):
+    for command in ("worker", "migrate", "enqueue", "stats", "jobs", "prune"):
         assert command in result.stdout
 
 
@@ -226,3 +229,92 @@ async def test_migrate_then_enqueue(dsn: str, db: Database) -> None:
         (int(job_id),),
     )
     assert row == [("mail", "ada", True)]
+
+
+async def _cli(dsn: str, *args: str, check: bool = True) -> tuple[int, str, str]:
+    """Run ``neoq-anyio ARGS`` against ``dsn``; exit status, stdout, stderr."""
+    result = await anyio.run_process(
+        [sys.executable, "-m", "neoq_anyio", *args],
+        env={**os.environ, "NEOQ_DSN": dsn},
+        check=False,
+    )
+    if check:
+        assert result.returncode == 0, result.stderr.decode()
+    return result.returncode, result.stdout.decode(), result.stderr.decode()
+
+
+async def test_jobs_commands_manage_jobs_as_json(dsn: str) -> None:
+    async def fail(job: Job) -> None:
+        raise KeyError("boom")
+
+    async with open_backend(dsn) as nq:
+        await nq.start(Handler("doomed", fail))
+        dead_id = await nq.enqueue(Job("doomed", {"n": 1}, max_retries=0))
+        live_id = await nq.enqueue(
+            Job("later", {"n": 2}, run_after=datetime.now(UTC) + timedelta(hours=1))
+        )
+        await drain(nq)
+
+    _, out, _ = await _cli(dsn, "jobs", "list", "--json")
+    listed = json.loads(out)
+    assert [job["id"] for job in listed] == [live_id, dead_id]
+    assert set(listed[0]) == {
+        "id",
+        "queue",
+        "status",
+        "payload",
+        "retries",
+        "max_retries",
+        "run_after",
+        "ran_at",
+        "created_at",
+        "error",
+    }
+    _, out, _ = await _cli(dsn, "jobs", "list", "--status", "dead", "--json")
+    assert [job["id"] for job in json.loads(out)] == [dead_id]
+
+    _, out, _ = await _cli(dsn, "jobs", "show", dead_id, "--json")
+    shown = json.loads(out)
+    assert (shown["status"], shown["error"], shown["payload"]) == (
+        "dead",
+        "KeyError: 'boom'",
+        {"n": 1},
+    )
+
+    _, out, _ = await _cli(dsn, "stats", "--json")
+    stats = {row["queue"]: row for row in json.loads(out)}
+    assert (stats["doomed"]["dead"], stats["later"]["scheduled"]) == (1, 1)
+
+    _, out, _ = await _cli(dsn, "jobs", "retry", dead_id, "--json")
+    assert (json.loads(out)["id"], json.loads(out)["status"]) == (dead_id, "new")
+    _, out, _ = await _cli(dsn, "jobs", "cancel", live_id, "--json")
+    assert json.loads(out) == {"id": live_id, "cancelled": True}
+    _, out, _ = await _cli(dsn, "jobs", "delete", live_id)
+    assert f"job {live_id} deleted" in out
+
+    for args in (
+        ("jobs", "show", "999999"),
+        ("jobs", "retry", "999999"),
+        ("jobs", "cancel", "999999"),
+    ):
+        status, out, err = await _cli(dsn, *args, check=False)
+        assert status == 1, err
+        assert err.startswith("neoq-anyio: error:"), err
+        assert len(err.strip().splitlines()) == 1, err
+
+
+async def test_prune_deletes_old_jobs(dsn: str) -> None:
+    async with open_backend(dsn, keep_processed=None) as nq:
+        await nq.start(Handler("ok", _noop))
+        await nq.enqueue(Job("ok", {}))
+        await drain(nq)
+    _, out, _ = await _cli(dsn, "prune", "--json")  # default retention: a day
+    assert json.loads(out) == {"processed": 0, "dead": 0}
+    _, out, _ = await _cli(dsn, "prune", "--older-than", "0s", "--json")
+    assert json.loads(out) == {"processed": 1, "dead": 0}
+    status, _, err = await _cli(dsn, "prune", "--older-than", "soon", check=False)
+    assert status == 2, err
+
+
+async def _noop(job: Job) -> None:
+    pass

@@ -173,7 +173,7 @@ async def test_deadline_and_dead_jobs_in_memory() -> None:
         await nq.enqueue(Job("boom", {"a": 1}, max_retries=0))
         await drain(nq)
         [dead] = await dead_jobs(nq, "boom")
-    assert (dead.status, dead.retries, dead.error) == ("failed", 0, "KeyError: 'x'")
+    assert (dead.status, dead.retries, dead.error) == ("dead", 0, "KeyError: 'x'")
     assert dead.payload == {"a": 1}
 
 

@@ -110,7 +110,7 @@ def enqueue(
     job = Job(queue, data, fingerprint=fingerprint, run_after=run_after, max_retries=max_retries)
 
     async def go() -> str:
-        async with open_backend(dsn) as nq:
+        async with open_backend(dsn, keep_processed=None, keep_dead=None) as nq:
             return await nq.enqueue(job)
 
     job_id = run(go)

@@ -85,6 +85,9 @@ LIBPQ_DEFAULTS: Final[Mapping[str, str]] = {
     "keepalives_interval": "10",
     "keepalives_count": "3",
     "tcp_user_timeout": "60000",
+    # Tells neoq_anyio's sessions apart in pg_stat_activity (PGAPPNAME or the
+    # connection string's own application_name wins).
+    "application_name": "neoq_anyio",
 }
 
 # libpq 17 brought a cancel request that does not block (PQcancelStart/Poll).

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from psycopg import pq
 
-from neoq_anyio._backend import Backend, BackendStatistics
+from neoq_anyio._backend import Backend, BackendStatistics, check_listing
 from neoq_anyio._context import _lent
 from neoq_anyio._cron import tick_job_fields
 from neoq_anyio._models import validate_job
@@ -28,6 +28,7 @@ from neoq_anyio._pg._errors import map_errors
 from neoq_anyio._pg._pool import RESERVED_CONNS, ConnectionPool
 
 from . import _sql
+from ._admin import JobAdmin
 from ._listener import Listener
 from ._scheduler import FutureJobs, PendingJobs
 from ._schema import prepare_database
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
     import psycopg
 
     from neoq_anyio._backend import Options
-    from neoq_anyio._models import Handler, Job
+    from neoq_anyio._models import Handler, Job, JobStatus, QueueStats
 
     from ._wakeups import Wakeups
 
@@ -75,6 +76,7 @@ class PostgresBackend(Backend):
             lent=_lent,  # what current_transaction() handed to handlers
         )
         self._store = JobStore(self._pool, settings.conninfo, self._log)
+        self._admin = JobAdmin(self._pool, self._log)
         self._workers: dict[str, QueueWorkers] = {}
         # The queues' wake-ups, filled in by start(); the services read them.
         wakeups: dict[str, Wakeups] = {}
@@ -82,6 +84,8 @@ class PostgresBackend(Backend):
         self._listener = Listener(
             self._open_listener, self._on_notify, self._on_reconnect, log=self._log
         )
+        self._listening = False
+        self._listener_started = anyio.Lock()
         self._future = FutureJobs(
             self._store,
             wakeups,
@@ -126,9 +130,43 @@ class PostgresBackend(Backend):
         self._wakeups[handler.queue] = workers.wakeups
         self._workers[handler.queue] = workers
         self._spawn_workers(workers.work, handler.concurrency)
-        await self._listener.listen(handler.queue)
+        await self._listen(handler.queue)
         self._future.rescan()
         self._pending.poke()
+
+    async def get_job(self, job_id: str) -> Job | None:
+        self._check_open()
+        return await self._admin.get_job(job_id)
+
+    async def list_jobs(
+        self,
+        *,
+        queue: str | None = None,
+        status: JobStatus | None = None,
+        limit: int = 100,
+        before_id: str | None = None,
+    ) -> list[Job]:
+        self._check_open()
+        before = check_listing(status, limit, before_id)
+        return await self._admin.list_jobs(
+            queue=queue, status=status, limit=limit, before_id=before
+        )
+
+    async def retry_job(self, job_id: str) -> Job:
+        self._check_open()
+        return await self._admin.retry_job(job_id)
+
+    async def cancel_job(self, job_id: str) -> bool:
+        self._check_open()
+        return await self._admin.cancel_job(job_id)
+
+    async def delete_job(self, job_id: str) -> bool:
+        self._check_open()
+        return await self._admin.delete_job(job_id)
+
+    async def queue_stats(self) -> list[QueueStats]:
+        self._check_open()
+        return await self._admin.queue_stats()
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AnyioConnection]:
@@ -183,8 +221,25 @@ class PostgresBackend(Backend):
         await prepare_database(self._settings, self._log)
 
     async def _start_services(self) -> None:
-        for service in (self._pool.run, self._listener.run, self._future.run, self._pending.run):
+        # No LISTEN connection until a queue is started: a process that only
+        # enqueues (a web application) holds none (see _listen).
+        for service in (self._pool.run, self._future.run, self._pending.run):
             await self._task_group.start(self._run_service, service)
+        if self._retains():
+            await self._task_group.start(self._run_service, self._prune_periodically)
+
+    async def _listen(self, queue: str) -> None:
+        """LISTEN to ``queue``, starting the listener with the first queue."""
+        async with self._listener_started:
+            if not self._listening:
+                await self._task_group.start(self._run_service, self._listener.run)
+                self._listening = True
+        await self._listener.listen(queue)
+
+    async def _prune(
+        self, *, processed_age: float | None, dead_age: float | None
+    ) -> tuple[int, int]:
+        return await self._admin.prune(processed_age=processed_age, dead_age=dead_age)
 
     async def _enqueue_tick(self, queue: str, tick: datetime) -> bool:
         fingerprint, payload = tick_job_fields(queue, tick)

@@ -365,10 +365,15 @@ FAST_FORWARD: Final = (
     "WHERE status <> 'processed' AND run_after > now()"
 )
 
-# The dead jobs table has neither run_after nor ran_at.
-_DEAD_COLUMNS: Final = JOB_COLUMNS.replace("run_after", "NULL AS run_after").replace(
-    "ran_at", "NULL AS ran_at"
+# The dead jobs table has neither run_after nor ran_at, and its status column
+# says nothing (Go neoq writes 'failed'): a dead job reads as 'dead'.
+_DEAD_COLUMNS: Final = (
+    "id, fingerprint, queue, 'dead'::text AS status, deadline, payload, retries, "
+    "max_retries, NULL::timestamptz AS run_after, NULL::timestamptz AS ran_at, "
+    "created_at, error"
 )
+# The live jobs' columns, typed as the dead ones', for a UNION.
+_LIVE_COLUMNS: Final = JOB_COLUMNS.replace("status", "status::text AS status")
 
 
 def select_jobs(*, dead: bool, queue: bool) -> bytes:
@@ -376,3 +381,122 @@ def select_jobs(*, dead: bool, queue: bool) -> bytes:
     table, columns = ("neoq_dead_jobs", _DEAD_COLUMNS) if dead else ("neoq_jobs", JOB_COLUMNS)
     where = " WHERE queue = %s" if queue else ""
     return f"SELECT {columns} FROM {table}{where} ORDER BY id".encode()
+
+
+# -- managing jobs (neoq_anyio._postgres._admin) ---------------------------------------
+
+GET_JOB: Final = (
+    f"SELECT {_LIVE_COLUMNS} FROM neoq_jobs WHERE id = %(id)s "
+    f"UNION ALL SELECT {_DEAD_COLUMNS} FROM neoq_dead_jobs WHERE id = %(id)s LIMIT 1"
+).encode()
+
+
+def list_jobs(*, queue: bool, status: str | None, before: bool) -> bytes:
+    """Jobs newest first, live and dead; ``%(queue)s``, ``%(before)s`` and
+    ``%(limit)s`` are parameters. ``status`` picks the table(s) and a filter
+    (a checked literal: one of the five statuses)."""
+    conditions = []
+    if queue:
+        conditions.append("queue = %(queue)s")
+    if before:
+        conditions.append("id < %(before)s")
+    parts = []
+    if status != "dead":
+        live = conditions + ([f"status::text = '{status}'"] if status else [])
+        where = f" WHERE {' AND '.join(live)}" if live else ""
+        parts.append(
+            f"(SELECT {_LIVE_COLUMNS} FROM neoq_jobs{where} ORDER BY id DESC LIMIT %(limit)s)"
+        )
+    if status in (None, "dead"):
+        where = f" WHERE {' AND '.join(conditions)}" if conditions else ""
+        parts.append(
+            f"(SELECT {_DEAD_COLUMNS} FROM neoq_dead_jobs{where} ORDER BY id DESC LIMIT %(limit)s)"
+        )
+    union = " UNION ALL ".join(parts)
+    return f"SELECT * FROM ({union}) AS jobs ORDER BY id DESC LIMIT %(limit)s".encode()
+
+
+# A job being run now (transaction mode) holds its row lock: these statements
+# skip it instead of waiting for the job to end.
+_UNLOCKED_JOB: Final = "SELECT id FROM neoq_jobs WHERE id = %(id)s FOR UPDATE SKIP LOCKED"
+
+_RETURNING_JOB: Final = ", ".join(
+    f"neoq_jobs.{name}::text" if name == "status" else f"neoq_jobs.{name}"
+    for name in JOB_COLUMN_NAMES
+)
+
+RETRY_LIVE_JOB: Final = (
+    f"WITH j AS ({_UNLOCKED_JOB}) "
+    "UPDATE neoq_jobs SET run_after = now(), "
+    "status = CASE WHEN neoq_jobs.status = 'processed' THEN 'new' ELSE neoq_jobs.status END "
+    f"FROM j WHERE neoq_jobs.id = j.id RETURNING {_RETURNING_JOB}, "
+    "pg_notify(neoq_jobs.queue, neoq_jobs.id::text)"
+).encode()
+"""Make a live job due now (a processed one new again), and announce it, in
+any session time zone."""
+
+RETRY_DEAD_JOB: Final = (
+    "WITH dead AS (DELETE FROM neoq_dead_jobs WHERE id = %(id)s RETURNING *) "
+    "INSERT INTO neoq_jobs (id, queue, fingerprint, payload, retries, max_retries, deadline, "
+    "error, status, run_after) "
+    "SELECT id, queue, fingerprint, payload, coalesce(retries, 0), max_retries, deadline, "
+    "error, 'new', now() FROM dead "
+    f"ON CONFLICT DO NOTHING RETURNING {_LIVE_COLUMNS}, "
+    "pg_notify(queue, id::text)"
+).encode()
+"""Move a dead job back to its queue, due now, keeping its id. Run it in a
+transaction: when a twin blocks the INSERT, the DELETE must roll back."""
+
+DEAD_JOB_EXISTS: Final = b"SELECT 1 FROM neoq_dead_jobs WHERE id = %(id)s"
+LIVE_JOB: Final = f"SELECT {_LIVE_COLUMNS} FROM neoq_jobs WHERE id = %(id)s".encode()
+
+CANCEL_JOB: Final = (
+    f"WITH j AS ({_UNLOCKED_JOB} ), "
+    "gone AS (DELETE FROM neoq_jobs USING j WHERE neoq_jobs.id = j.id "
+    "AND neoq_jobs.status <> 'processed' RETURNING neoq_jobs.*) "
+    "INSERT INTO neoq_dead_jobs (id, queue, fingerprint, payload, retries, max_retries, error, "
+    "deadline) SELECT id, queue, fingerprint, payload, retries, max_retries, 'cancelled', "
+    "deadline FROM gone RETURNING id"
+).encode()
+
+DELETE_JOB: Final = (
+    f"WITH j AS ({_UNLOCKED_JOB}), "
+    "live AS (DELETE FROM neoq_jobs USING j WHERE neoq_jobs.id = j.id RETURNING 1), "
+    "dead AS (DELETE FROM neoq_dead_jobs WHERE id = %(id)s RETURNING 1) "
+    "SELECT (SELECT count(*) FROM live) + (SELECT count(*) FROM dead)"
+).encode()
+
+QUEUE_STATS: Final = (
+    b"SELECT queue, "
+    b"count(*) FILTER (WHERE status::text IN ('new', 'failed') AND run_after <= now()), "
+    b"count(*) FILTER (WHERE status = 'new' AND run_after > now()), "
+    b"count(*) FILTER (WHERE status::text = 'running' AND run_after > now()), "
+    b"count(*) FILTER (WHERE status = 'failed' AND run_after > now()), "
+    b"count(*) FILTER (WHERE status = 'processed'), "
+    b"extract(epoch FROM now() - min(run_after) FILTER ("
+    b"WHERE status::text IN ('new', 'failed') AND run_after <= now()))::float8 "
+    b"FROM neoq_jobs GROUP BY queue"
+)
+
+DEAD_BY_QUEUE: Final = b"SELECT queue, count(*) FROM neoq_dead_jobs GROUP BY queue"
+
+
+# -- retention (neoq_anyio._postgres._admin) -------------------------------------------
+
+PRUNE_LOCK: Final = b"SELECT pg_try_advisory_xact_lock(%s)"
+"""Taken in each pruning transaction: one process prunes at a time."""
+
+PRUNE_PROCESSED: Final = (
+    b"DELETE FROM neoq_jobs WHERE id IN (SELECT id FROM neoq_jobs "
+    b"WHERE status = 'processed' AND ran_at < now() - make_interval(secs => %(age)s) "
+    b"ORDER BY id LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"
+)
+"""One batch of processed jobs older than ``age`` seconds, oldest ids first
+(the id index reaches them without a sort)."""
+
+PRUNE_DEAD: Final = (
+    b"DELETE FROM neoq_dead_jobs WHERE id IN (SELECT id FROM neoq_dead_jobs "
+    b"WHERE created_at < now() - make_interval(secs => %(age)s) "
+    b"ORDER BY created_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"
+)
+"""One batch of jobs dead for longer than ``age`` seconds."""
