@@ -17,33 +17,13 @@ import contextlib
 import statistics
 import sys
 import time
-import uuid
-from collections.abc import Iterator
 
 import anyio
 import psycopg
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
+from bench import fresh_schema  # bench/bench.py: this directory is on sys.path
 from neoq_anyio import Handler, Job, open_backend
 from neoq_anyio.embedded import embedded_postgres
-
-
-@contextlib.contextmanager
-def fresh_schema(dsn: str) -> Iterator[str]:
-    name = f"prune_{uuid.uuid4().hex[:10]}"
-    scoped = make_conninfo(dsn, options=f"-csearch_path={name}")
-
-    async def setup() -> None:
-        async with open_backend(scoped, keep_processed=None, keep_dead=None):
-            pass
-
-    anyio.run(setup)
-    try:
-        yield scoped
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
 
 
 def fill(dsn: str, rows: int) -> float:
