@@ -17,10 +17,9 @@ from neoq_anyio._exceptions import ConfigurationError, ConnectionStringError, Da
 from neoq_anyio._pg._dsn import (
     POOL_OPTION_NAMES,
     ConnectionSettings,
-    PoolOptions,
     parse_connection_string,
 )
-from neoq_anyio._pg._pool import PoolOptionsError
+from neoq_anyio._pg._pool_options import PoolOptions, PoolOptionsError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

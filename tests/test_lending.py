@@ -26,7 +26,8 @@ from psycopg.adapt import Loader
 from psycopg.rows import dict_row, tuple_row
 
 from neoq_anyio import Handler, Job, PostgresBackend, current_transaction, open_backend
-from neoq_anyio._pg._pool import RESERVED_CONNS, default_max_conns
+from neoq_anyio._pg._pool import RESERVED_CONNS
+from neoq_anyio._pg._pool_options import default_max_conns
 
 from .conftest import Database, wait_until
 from .test_processing import FAST

@@ -24,9 +24,9 @@ from neoq_anyio._pg._pool import (
     RESERVED_CONNS,
     ConnectionPool,
     PoolStatistics,
-    default_max_conns,
     worker_share,
 )
+from neoq_anyio._pg._pool_options import default_max_conns
 
 from .conftest import Database, wait_until
 

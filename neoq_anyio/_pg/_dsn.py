@@ -27,7 +27,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from neoq_anyio._durations import DurationSyntaxError, parse_go_duration
 from neoq_anyio._exceptions import ConnectionStringError
 
-from ._pool import PoolOptions, PoolOptionsError
+from ._pool_options import PoolOptions, PoolOptionsError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Mapping
