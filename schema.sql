@@ -143,3 +143,9 @@ CREATE TABLE IF NOT EXISTS neoq_anyio_cron_ticks (
 -- by the time they died; Go neoq's table has no index at all.
 CREATE INDEX IF NOT EXISTS neoq_anyio_dead_jobs_id_idx ON neoq_dead_jobs (id);
 CREATE INDEX IF NOT EXISTS neoq_anyio_dead_jobs_created_at_idx ON neoq_dead_jobs (created_at);
+
+-- Version 4: the trace context (W3C traceparent, ...) of the request that
+-- enqueued a job, written only when tracing is on (neoq_anyio/_tracing.py),
+-- so the job's span continues that trace. Nullable: Go neoq's INSERTs,
+-- which do not name it, leave it NULL.
+ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS trace_context jsonb;

@@ -16,6 +16,10 @@ block goes on:
 3. cancel the workers and give them a moment to roll back, then cancel the
    services and release resources (``_close``).
 
+``enqueue`` is the one method defined here: it calls the backend's
+``_enqueue`` within the observer's hooks (``neoq_anyio._observe``: metrics,
+tracing), or directly when nothing observes.
+
 The private methods under "for neoq_anyio.testing" are the small interface
 the testing helpers use, so they never reach into a backend's state.
 """
@@ -25,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -45,6 +50,7 @@ if TYPE_CHECKING:
     from anyio.abc import TaskGroup, TaskStatus
 
     from ._models import Handler, Job, JobStatus, QueueStats, RecoverCallback
+    from ._observe import Observer
     from ._pg._connection import AnyioConnection
     from ._pg._pool import PoolStatistics
 
@@ -113,6 +119,7 @@ class Options:
     logger: logging.Logger
     keep_processed: float | None = None
     keep_dead: float | None = None
+    observer: Observer | None = None  # metrics and tracing (neoq_anyio._observe)
 
 
 class Backend(ABC):
@@ -134,10 +141,10 @@ class Backend(ABC):
         self._closing = False
         self._closed = anyio.Event()
         self._cron_clock: WallClock = WallClock()
+        self._observer = options.observer
 
     # -- the public API ----------------------------------------------------------------
 
-    @abstractmethod
     async def enqueue(
         self, job: Job, *, connection: psycopg.AsyncConnection[Any] | None = None
     ) -> str:
@@ -172,6 +179,17 @@ class Backend(ABC):
                 backend.
             NeoqError: the backend is shut down.
         """
+        observer = self._observer
+        if observer is None:
+            return await self._enqueue(job, connection)
+        job, state = observer.enqueue_started(job)
+        try:
+            job_id = await self._enqueue(job, connection)
+        except BaseException as exc:
+            observer.enqueue_finished(state, job, None, exc)
+            raise
+        observer.enqueue_finished(state, job, job_id, None)
+        return job_id
 
     @abstractmethod
     async def start(self, handler: Handler) -> None:
@@ -336,10 +354,17 @@ class Backend(ABC):
             handler = dataclasses.replace(handler, queue=schedule.queue_name)
         await self.start(handler)
         ticker = CronTicker(
-            schedule, handler.queue, self._enqueue_tick, log=self._log, clock=self._cron_clock
+            schedule, handler.queue, self._observed_tick, log=self._log, clock=self._cron_clock
         )
         await self._task_group.start(self._run_service, ticker.run)
         return handler
+
+    async def _observed_tick(self, queue: str, tick: datetime) -> bool:
+        """``_enqueue_tick``, counted by the observer when this process's claim won."""
+        won = await self._enqueue_tick(queue, tick)
+        if won and self._observer is not None:
+            self._observer.tick_enqueued(queue)
+        return won
 
     def set_logger(self, logger: logging.Logger) -> None:
         """Send the backend's log records to ``logger`` from now on."""
@@ -360,8 +385,24 @@ class Backend(ABC):
         self._closing = True
         try:
             self._stop_intake()
-            with anyio.move_on_after(self._options.shutdown_timeout, shield=True):
+            timeout = self._options.shutdown_timeout
+            running = self.statistics().jobs_in_flight
+            if running:
+                self._log.info(
+                    "shutdown: taking no more jobs; %d jobs in flight have %g s to finish",
+                    running,
+                    timeout,
+                )
+            with anyio.move_on_after(timeout, shield=True):
                 await self._wait_workers()
+            running = self.statistics().jobs_in_flight
+            if running:
+                self._log.info(
+                    "shutdown: cancelled %d jobs still running after shutdown_timeout "
+                    "(%g s); they stay queued",
+                    running,
+                    timeout,
+                )
             self._cancel_jobs("shutdown_timeout passed")
             # Cancelled workers roll their jobs back as they leave; wait for
             # that before closing the pool under them.
@@ -414,6 +455,10 @@ class Backend(ABC):
 
     # -- what each backend provides ------------------------------------------------------
 
+    @abstractmethod
+    async def _enqueue(self, job: Job, connection: psycopg.AsyncConnection[Any] | None) -> str:
+        """``enqueue``, unobserved: validate and store the job."""
+
     async def _prepare(self) -> None:  # noqa: B027 - optional hook
         """Set up what the backend needs before any task runs (a database)."""
 
@@ -463,6 +508,8 @@ class Backend(ABC):
         """Start the background services in ``task_group`` (``open_backend``'s)."""
         self._tg = task_group
         await self._start_services()
+        if self._observer is not None:
+            await task_group.start(self._run_service, partial(self._observer.run, self))
 
     @property
     def _task_group(self) -> TaskGroup:
@@ -500,6 +547,16 @@ class Backend(ABC):
                 "or lower job_timeout."
             )
         self._handlers[queue] = handler
+
+    def _log_started(self, handler: Handler) -> None:
+        """The lifecycle line each backend's ``start`` ends with."""
+        timeout = handler.timeout_seconds
+        self._log.info(
+            "queue %s started with concurrency %d (job_timeout %s)",
+            handler.queue,
+            handler.concurrency,
+            "none" if timeout is None else f"{timeout:g} s",
+        )
 
     def _recover_callback(self, handler: Handler) -> RecoverCallback | None:
         """The handler's own recover callback, else the backend-wide one."""

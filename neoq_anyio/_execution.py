@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from ._log import BackendLog
     from ._models import Handler, Job, RecoverCallback
+    from ._observe import Observer
     from ._outcome import Outcome
 
 __all__ = ["WorkerTimer", "call_handler", "report", "run_handler", "timeout_error"]
@@ -133,14 +134,42 @@ async def report(
     log: BackendLog,
     *,
     recorded: bool = True,
+    observer: Observer | None = None,
+    state: Any = None,
 ) -> None:
-    """Log an outcome, then call the recover callback for a handler's error.
+    """Log an outcome, tell the observer, then call the recover callback for a
+    handler's error.
 
     Successes are not logged above DEBUG; failures are logged with their
     traceback. ``recorded=False`` says the outcome could not be stored, so the
     job will run again. A recover callback's own errors are logged, never
-    raised.
+    raised. ``observer`` (metrics, tracing) gets ``job_finished`` with
+    ``state``, what its ``job_started`` returned (``None``: the job did not
+    run), after the log line, so that line is written inside the job's span.
     """
+    if observer is not None:
+        try:
+            _log_outcome(outcome, job, log, recorded)
+        finally:
+            observer.job_finished(job, outcome, state)
+    else:
+        _log_outcome(outcome, job, log, recorded)
+    if outcome.kind == "processed" or not outcome.ran:
+        return
+    if callback is None or outcome.exc is None:
+        return
+    extra = {"job_id": job.id, "queue": job.queue}
+    try:
+        result = callback(job, outcome.exc)
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("recover callback failed for job %s", job.id, extra=extra)
+
+
+def _log_outcome(outcome: Outcome, job: Job, log: BackendLog, recorded: bool) -> None:
+    """``report``'s log line: DEBUG for a success, WARNING for a job not run,
+    ERROR with the traceback for a failed run."""
     if outcome.kind == "processed":
         if log.logger.isEnabledFor(logging.DEBUG):
             extra = {"job_id": job.id, "queue": job.queue}
@@ -168,14 +197,6 @@ async def report(
             extra=extra,
             exc_info=exc_info,
         )
-    if callback is None or outcome.exc is None:
-        return
-    try:
-        result = callback(job, outcome.exc)
-        if inspect.isawaitable(result):
-            await result
-    except Exception:
-        log.exception("recover callback failed for job %s", job.id, extra=extra)
 
 
 def _traceback(exc: BaseException | None, log: BackendLog) -> tuple[BaseException | None, str]:

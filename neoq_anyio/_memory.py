@@ -24,6 +24,7 @@ import math
 from collections import deque
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from logging import DEBUG
 from typing import TYPE_CHECKING, Any, Never
 
 import anyio
@@ -160,9 +161,7 @@ class MemoryBackend(Backend):
 
     # -- the public API ----------------------------------------------------------------
 
-    async def enqueue(
-        self, job: Job, *, connection: psycopg.AsyncConnection[Any] | None = None
-    ) -> str:
+    async def _enqueue(self, job: Job, connection: psycopg.AsyncConnection[Any] | None) -> str:
         self._check_open()
         if connection is not None:
             raise NoTransactionError("the in-memory backend has no database connections")
@@ -206,6 +205,7 @@ class MemoryBackend(Backend):
         queue.capacity = handler.max_queue_capacity
         recover = self._recover_callback(handler)
         self._spawn_workers(lambda: self._work(queue, handler, recover), handler.concurrency)
+        self._log_started(handler)
         await anyio.lowlevel.checkpoint()
 
     # -- managing jobs -------------------------------------------------------------------
@@ -370,6 +370,9 @@ class MemoryBackend(Backend):
         rescheduled, running_ids = self._rescheduled, self._running_ids
         timer = WorkerTimer(handler.timeout_seconds)
         running: Job | None = None  # the stored job whose handler runs now
+        observer = self._observer
+        observed: Any = None  # observer's state for the running job
+        log = self._log
         streak = 0
         try:
             while not self._stopping:
@@ -397,6 +400,8 @@ class MemoryBackend(Backend):
                         running = job
                         self._in_flight += 1
                         running_ids.add(job_id)
+                        if observer is not None:
+                            observed = observer.job_started(seen)
                         exc = await run_handler(handler, seen)
                         if timer.fired():
                             # The handler caught its timeout's cancellation and
@@ -408,9 +413,18 @@ class MemoryBackend(Backend):
                         running = None
                         outcome = decide(seen, exc)
                         self._store_outcome(queue, job, outcome)
-                        if exc is not None:
+                        # A success is reported only to whoever listens: the
+                        # observer, or a DEBUG log (as PostgreSQL's workers log it).
+                        if (
+                            exc is not None
+                            or observer is not None
+                            or log.logger.isEnabledFor(DEBUG)
+                        ):
                             timer.pause()  # the recover callback is not timed
-                            await report(outcome, seen, recover, self._log)
+                            state, observed = observed, None
+                            await report(
+                                outcome, seen, recover, log, observer=observer, state=state
+                            )
                         # Let other tasks run now and then, as database round
                         # trips would: a no-op handler never yields by itself.
                         streak += 1
@@ -422,12 +436,16 @@ class MemoryBackend(Backend):
                     self._in_flight -= 1
                     running_ids.discard(job.id or "")
                     seen = as_run(job)
-                    await self._conclude(queue, job, seen, decide(seen, timer.error()), recover)
+                    state, observed = observed, None
+                    outcome = decide(seen, timer.error())
+                    await self._conclude(queue, job, seen, outcome, recover, state)
         except BaseException:
             if running is not None:  # cancelled at shutdown: the job stays queued as it was
                 self._in_flight -= 1
                 running_ids.discard(running.id or "")
                 queue.push(clock.monotonic(), running)
+                if observer is not None and observed is not None:
+                    observer.job_abandoned(as_run(running), observed)
             raise
         finally:
             self._workers -= 1
@@ -447,12 +465,13 @@ class MemoryBackend(Backend):
         seen: Job,
         outcome: Outcome,
         recover: RecoverCallback | None,
+        state: Any = None,
     ) -> None:
         """Store a run's outcome (the stored ``job``, as its handler ``seen`` it),
-        then report it."""
+        then report it (``state``: the observer's, for a job that ran)."""
         self._store_outcome(queue, job, outcome)
-        if outcome.kind != "processed":
-            await report(outcome, seen, recover, self._log)
+        if outcome.kind != "processed" or self._observer is not None:
+            await report(outcome, seen, recover, self._log, observer=self._observer, state=state)
 
     def _store_outcome(self, queue: _Queue, job: Job, outcome: Outcome) -> None:
         assert job.id is not None
@@ -538,7 +557,8 @@ class MemoryBackend(Backend):
         if last is not None and tick <= last:
             return False
         self._last_tick[queue] = tick
-        await self.enqueue(Job(queue, {"tick": tick.astimezone(UTC).isoformat()}))
+        # Unobserved: Backend._observed_tick counts it.
+        await self._enqueue(Job(queue, {"tick": tick.astimezone(UTC).isoformat()}), None)
         return True
 
     def _stop_intake(self) -> None:

@@ -88,6 +88,11 @@ class Job:
     ran_at: datetime | None = field(default=None, init=False)
     error: str | None = field(default=None, init=False)
     created_at: datetime | None = field(default=None, init=False)
+    # The enqueuer's trace context (W3C traceparent, ...), carried to the
+    # job's run when tracing is on (neoq_anyio._tracing); stored, never shown.
+    _trace_context: dict[str, str] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def _evolve(self, **changes: Any) -> Job:
         """A copy with some fields changed, read-only ones included.
@@ -122,6 +127,7 @@ class Job:
         set_(job, "ran_at", _utc(row["ran_at"]))
         set_(job, "error", row["error"] or None)  # Go neoq stores "" for no error
         set_(job, "created_at", _utc(row["created_at"]))
+        set_(job, "_trace_context", row.get("trace_context"))
         return job
 
 

@@ -17,12 +17,16 @@ from ._backend import Options
 from ._durations import to_seconds
 from ._exceptions import ConfigurationError, ConnectionStringError
 from ._memory import MemoryBackend
+from ._observe import Observer, combine
 from ._postgres._backend import PostgresBackend
 from ._postgres._sql import idle_timeout_ms
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
     from datetime import timedelta
+
+    from opentelemetry.trace import TracerProvider
+    from prometheus_client import CollectorRegistry
 
     from ._backend import Backend
     from ._models import RecoverCallback
@@ -38,6 +42,24 @@ DEFAULT_CONNECTION_TIMEOUT = 30.0
 _MEMORY = "memory://"
 # idle_in_transaction_session_timeout is an int of milliseconds.
 _MAX_IDLE_TIMEOUT_MS = 2**31 - 1
+
+
+def _observer(metrics: object, tracing: object) -> Observer | None:
+    """What observes the backend: metrics, then tracing; ``None`` for neither.
+
+    Raises:
+        ConfigurationError: an extra is missing, or a value of the wrong type.
+    """
+    observers: list[Observer] = []
+    if metrics is not False:
+        from ._metrics import MetricsObserver  # imports prometheus_client: only when asked
+
+        observers.append(MetricsObserver(None if metrics is True else metrics))  # type: ignore[arg-type]
+    if tracing is not False:
+        from ._tracing import TracingObserver  # imports opentelemetry: only when asked
+
+        observers.append(TracingObserver(None if tracing is True else tracing))  # type: ignore[arg-type]
+    return combine(observers)
 
 
 def lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
@@ -65,6 +87,8 @@ async def open_backend(
     logger: logging.Logger | None = None,
     keep_processed: float | timedelta | None = DEFAULT_KEEP_PROCESSED,
     keep_dead: float | timedelta | None = DEFAULT_KEEP_DEAD,
+    metrics: bool | CollectorRegistry = False,
+    tracing: bool | TracerProvider = False,
 ) -> AsyncIterator[Backend]:
     """Open a backend for the block; leaving the block shuts it down.
 
@@ -102,6 +126,15 @@ async def open_backend(
             days); ``None`` keeps them for ever. One process at a time
             deletes older ones, in small batches, at least every
             ``min(keep, 60 s)``.
+        metrics: Prometheus metrics (extra ``neoq_anyio[prometheus]``):
+            ``True`` registers them on ``prometheus_client``'s default
+            registry, a ``CollectorRegistry`` on that one. See
+            docs/observability.md for the names.
+        tracing: OpenTelemetry spans (extra ``neoq_anyio[otel]``): ``True``
+            takes tracers from the global tracer provider, a
+            ``TracerProvider`` from that one. A span per enqueue and per job
+            run; the job carries the enqueuer's trace context, so its span
+            continues that trace.
 
     Durations are seconds (``float``) or ``datetime.timedelta``. The
     in-memory backend accepts the same options and ignores those about
@@ -120,7 +153,9 @@ async def open_backend(
     Raises:
         ConnectionStringError: the connection string is ``None``, empty,
             malformed or of an unknown scheme.
-        ConfigurationError: an option is out of range.
+        ConfigurationError: an option is out of range, or metrics or
+            tracing were asked for without their extra installed (the
+            message says what to install).
         DatabaseError: the database cannot be reached or set up.
     """
     if connection_string is None:
@@ -161,6 +196,7 @@ async def open_backend(
         if keep_processed is None
         else to_seconds(keep_processed, name="keep_processed"),
         keep_dead=None if keep_dead is None else to_seconds(keep_dead, name="keep_dead"),
+        observer=_observer(metrics, tracing),
     )
     backend: Backend
     if connection_string.strip() == _MEMORY:

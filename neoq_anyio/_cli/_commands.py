@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import sys
@@ -31,8 +32,27 @@ from ._base import cli, dsn_option, json_option, loop_option, require_dsn, run, 
     show_default=True,
     help="Log level of the records printed on stderr.",
 )
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(min=0, max=65535),
+    metavar="PORT",
+    help="Serve Prometheus metrics on http://HOST:PORT/metrics (needs neoq_anyio[prometheus]).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    metavar="HOST",
+    help="The address --metrics-port binds to (0.0.0.0: every interface).",
+)
 def worker(
-    target: str, dsn: str | None, loop: str, shutdown_timeout: float, log_level: str
+    target: str,
+    dsn: str | None,
+    loop: str,
+    shutdown_timeout: float,
+    log_level: str,
+    metrics_port: int | None,
+    metrics_host: str,
 ) -> None:
     """Run the handlers that MODULE:FUNCTION starts, until SIGTERM or SIGINT.
 
@@ -56,7 +76,17 @@ def worker(
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    status = run(lambda: run_worker(function, dsn, shutdown_timeout=shutdown_timeout), loop)
+    address = None
+    if metrics_port is not None:
+        if importlib.util.find_spec("prometheus_client") is None:
+            usage("--metrics-port needs prometheus_client: pip install 'neoq_anyio[prometheus]'")
+        address = (metrics_host, metrics_port)
+    status = run(
+        lambda: run_worker(
+            function, dsn, shutdown_timeout=shutdown_timeout, metrics_address=address
+        ),
+        loop,
+    )
     sys.exit(status)
 
 

@@ -74,9 +74,17 @@ def load_target(spec: str) -> Callable[[Backend], Awaitable[Any]]:
 
 
 async def run_worker(
-    target: Callable[[Backend], Awaitable[Any]], dsn: str, *, shutdown_timeout: float
+    target: Callable[[Backend], Awaitable[Any]],
+    dsn: str,
+    *,
+    shutdown_timeout: float,
+    metrics_address: tuple[str, int] | None = None,
 ) -> int:
-    """Open the backend, await ``target(nq)``, serve until a signal; the exit status."""
+    """Open the backend, await ``target(nq)``, serve until a signal; the exit status.
+
+    ``metrics_address``: serve Prometheus metrics at ``http://HOST:PORT/metrics``
+    from the worker's task group, so the endpoint stops with the worker.
+    """
     stop = anyio.Event()
     forced = False
     backend: Backend | None = None
@@ -111,8 +119,16 @@ async def run_worker(
     async with anyio.create_task_group() as tg:
         with anyio.CancelScope() as startup:
             await tg.start(watch_signals, startup)
-            async with open_backend(dsn, shutdown_timeout=shutdown_timeout) as nq:
+            metrics = metrics_address is not None
+            async with open_backend(dsn, shutdown_timeout=shutdown_timeout, metrics=metrics) as nq:
                 await target(nq)
+                if metrics_address is not None:
+                    from neoq_anyio._metrics import load_prometheus, serve_metrics
+
+                    host, port = metrics_address
+                    registry = load_prometheus().REGISTRY
+                    port = await tg.start(serve_metrics, registry, host, port)
+                    log.info("serving metrics on http://%s:%d/metrics", host, port)
                 backend = nq
                 log.info("worker started: queues %s", ", ".join(nq.statistics().queues) or "none")
                 await stop.wait()

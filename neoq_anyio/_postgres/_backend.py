@@ -97,9 +97,7 @@ class PostgresBackend(Backend):
             self._store, wakeups, interval=options.pending_job_check_interval, log=self._log
         )
 
-    async def enqueue(
-        self, job: Job, *, connection: psycopg.AsyncConnection[Any] | None = None
-    ) -> str:
+    async def _enqueue(self, job: Job, connection: psycopg.AsyncConnection[Any] | None) -> str:
         self._check_open()
         validate_job(job)
         # The caller's session may not be in UTC, which Go neoq's trigger
@@ -126,6 +124,7 @@ class PostgresBackend(Backend):
             recover=self._recover_callback(handler),
             on_retry=self._future.add,
             log=self._log,
+            observer=self._observer,
         )
         self._wakeups[handler.queue] = workers.wakeups
         self._workers[handler.queue] = workers
@@ -133,6 +132,7 @@ class PostgresBackend(Backend):
         await self._listen(handler.queue)
         self._future.rescan()
         self._pending.poke()
+        self._log_started(handler)
 
     async def get_job(self, job_id: str) -> Job | None:
         self._check_open()

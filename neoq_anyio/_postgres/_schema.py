@@ -36,7 +36,7 @@ __all__ = [
     "search_path_names",
 ]
 
-SCHEMA_VERSION: Final = 3
+SCHEMA_VERSION: Final = 4
 """Bump with every change to schema.sql, which must stay additive."""
 
 # Any constant works; this one is "neoq" in ASCII, shared by every process.

@@ -67,45 +67,53 @@ FutureJobQuery: Final[LiteralString] = (
 """Lists jobs that come due within the future-job window, with seconds until due
 (measured on the database's clock, so the process clock's skew does not matter)."""
 
+TAKE_COLUMN_NAMES: Final = (*JOB_COLUMN_NAMES, "trace_context")
+"""The columns ``take_job`` reads: ``JobQuery``'s, and the job's trace context."""
+
+_TAKE_QUERY: Final = JobQuery.replace(" FROM neoq_jobs ", ", trace_context FROM neoq_jobs ", 1)
+
 SAVEPOINT: Final = "neoq_job"
 
 ROLLBACK: Final = "ROLLBACK"
 """Ends a job transaction that found no job."""
 
 
+def _insert(*, default_max_retries: bool, notify: bool, traced: bool) -> str:
+    columns = "queue, fingerprint, payload, run_after, deadline"
+    values = "%s, %s, %s::jsonb, coalesce(%s, now()), %s"
+    if not default_max_retries:
+        columns += ", max_retries"
+        values += ", %s"
+    if traced:
+        columns += ", trace_context"
+        values += ", %s::jsonb"
+    returning = "id, pg_notify(queue, id::text)" if notify else "id"
+    return (
+        f"INSERT INTO neoq_jobs ({columns}) VALUES ({values}) "
+        f"ON CONFLICT DO NOTHING RETURNING {returning}"
+    )
+
+
 _INSERT_JOB: Final = {
-    (True, False): (
-        "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline) "
-        "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s) "
-        "ON CONFLICT DO NOTHING RETURNING id"
-    ),
-    (False, False): (
-        "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline, max_retries) "
-        "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s, %s) "
-        "ON CONFLICT DO NOTHING RETURNING id"
-    ),
-    (True, True): (
-        "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline) "
-        "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s) "
-        "ON CONFLICT DO NOTHING RETURNING id, pg_notify(queue, id::text)"
-    ),
-    (False, True): (
-        "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline, max_retries) "
-        "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s, %s) "
-        "ON CONFLICT DO NOTHING RETURNING id, pg_notify(queue, id::text)"
-    ),
+    (default, notify, traced): _insert(default_max_retries=default, notify=notify, traced=traced)
+    for default in (True, False)
+    for notify in (True, False)
+    for traced in (True, False)
 }
 
 
-def insert_job(*, default_max_retries: bool, notify: bool = False) -> LiteralString:
+def insert_job(*, default_max_retries: bool, notify: bool = False, traced: bool = False) -> str:
     """The INSERT for one job; ``ON CONFLICT DO NOTHING`` turns a duplicate into
     an empty result instead of an error that would abort the caller's transaction.
 
     ``notify`` announces the job explicitly, for sessions whose TimeZone is
     not UTC: there Go neoq's trigger, which compares ``run_after`` with
     ``timezone('utc', created_at)``, misses due jobs east of Greenwich.
+    ``traced`` also writes the job's ``trace_context`` (a last ``%s``, JSON):
+    only jobs enqueued with tracing on carry one; Go neoq's INSERTs leave the
+    column NULL.
     """
-    return _INSERT_JOB[default_max_retries, notify]
+    return _INSERT_JOB[default_max_retries, notify, traced]
 
 
 def is_utc(timezone: str | None) -> bool:
@@ -145,7 +153,7 @@ def take_job(queue: str, context: AdaptContext, *, skip: Collection[int] = ()) -
     row lock, and the failure record, stay in the same transaction. ``skip``:
     ids of jobs not to take (held back after their outcome failed to record).
     """
-    query = JobQuery.replace("%s", "{}")
+    query = _TAKE_QUERY.replace("%s", "{}")
     if skip:
         ids = ", ".join(f"{int(job_id):d}" for job_id in skip)
         assert "AND run_after" in query  # JobQuery's shape, which the clause joins

@@ -9,6 +9,7 @@ and lease mode's claims belong too.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
@@ -54,6 +55,10 @@ def _job(row: tuple[Any, ...]) -> Job:
     return Job._from_row(dict(zip(_sql.JOB_COLUMN_NAMES, row, strict=True)))
 
 
+def _taken(row: tuple[Any, ...]) -> Job:
+    return Job._from_row(dict(zip(_sql.TAKE_COLUMN_NAMES, row, strict=True)))
+
+
 class JobStore:
     """Runs the backend's job SQL on pooled connections.
 
@@ -93,7 +98,12 @@ class JobStore:
         default_retries = job.max_retries is None
         if not default_retries:
             params += (job.max_retries,)
-        query = _sql.insert_job(default_max_retries=default_retries, notify=notify_due)
+        traced = job._trace_context is not None
+        if traced:
+            params += (json.dumps(job._trace_context),)
+        query = _sql.insert_job(
+            default_max_retries=default_retries, notify=notify_due, traced=traced
+        )
         with map_errors(self._log.redact, "cannot enqueue the job"):
             if connection is None:
                 conn = await self._pool.acquire()  # not `async with`: the hot path
@@ -137,7 +147,7 @@ class JobStore:
                 row = await self._take_row(conn, queue, [*skip, *map(int, self._mine)])
             if row is None:
                 return None
-        job = _job(row)
+        job = _taken(row)
         self._mine.add(str(job.id))
         return job
 

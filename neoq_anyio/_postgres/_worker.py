@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
     from neoq_anyio._log import BackendLog
     from neoq_anyio._models import Handler, Job, RecoverCallback
+    from neoq_anyio._observe import Observer
     from neoq_anyio._outcome import Outcome
     from neoq_anyio._pg._connection import AnyioConnection
     from neoq_anyio._pg._pool import ConnectionPool
@@ -67,6 +68,7 @@ class QueueWorkers:
         on_retry: ``on_retry(job_id, queue, delay)`` after a failure is
             scheduled for a retry ``delay`` seconds away.
         log: the backend's log.
+        observer: told of each job's start and outcome (metrics, tracing).
     """
 
     def __init__(
@@ -78,8 +80,10 @@ class QueueWorkers:
         recover: RecoverCallback | None,
         on_retry: Callable[[str, str, float], None],
         log: BackendLog,
+        observer: Observer | None = None,
     ) -> None:
         self.handler = handler
+        self._observer = observer
         self.wakeups = Wakeups()
         self._store = store
         self._pool = pool
@@ -142,30 +146,47 @@ class QueueWorkers:
             if taken is None:
                 return False
             self.in_flight += 1
+            job = taken
+            observed: list[Any] = []  # the observer's state, once the handler starts
             try:
-                job, outcome, failure = await self._run(conn, taken)
+                job, outcome, failure = await self._run(conn, taken, observed)
                 if failure is not None:
                     outcome, recorded = await self._record_again(conn, taken, job, outcome, failure)
+            except BaseException:
+                if observed and self._observer is not None:  # cancelled mid-job: no outcome
+                    self._observer.job_abandoned(as_run(taken), observed[0])
+                raise
             finally:
                 self.in_flight -= 1
                 self._store.done(taken)
         finally:
             await self._pool.release(conn)
-        await report(outcome, job, self._recover, self._log, recorded=recorded)
+        await report(
+            outcome,
+            job,
+            self._recover,
+            self._log,
+            recorded=recorded,
+            observer=self._observer,
+            state=observed[0] if observed else None,
+        )
         return True
 
     async def _run(
-        self, conn: AnyioConnection, taken: Job
+        self, conn: AnyioConnection, taken: Job, observed: list[Any]
     ) -> tuple[Job, Outcome, DatabaseError | None]:
         """Run one locked job and record its outcome in its transaction.
 
         Returns the job as run, its outcome, and why the transaction could not
-        record it, if it could not.
+        record it, if it could not. ``observed`` receives the observer's state
+        as the handler starts.
         """
         job = taken
         outcome = refuse_to_run(job, datetime.now(UTC))
         if outcome is None:
             job = as_run(job)
+            if self._observer is not None:
+                observed.append(self._observer.job_started(job))
             exc = await call_handler(self.handler, job, self._timeout, conn)
             outcome = decide(job, exc or self._store.handler_broke_transaction(conn))
         assert job.id is not None  # a stored job
