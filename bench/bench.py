@@ -391,9 +391,9 @@ def run(dsn: str, *, quick: bool, rounds: int) -> list[Row]:
     million = 50_000 if quick else 1_000_000
     rows: list[Row] = []
 
-    def scenario(fn: Callable[..., Any], *args: Any) -> Any:
+    def scenario(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         with fresh_schema(dsn) as scoped:
-            return fn(scoped, *args)
+            return fn(scoped, *args, **kwargs)
 
     def best(fns: dict[str, Callable[[], float]]) -> dict[str, float]:
         """Alternate the measurements for ``rounds`` rounds; keep each one's best,

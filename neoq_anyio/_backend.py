@@ -38,7 +38,7 @@ from ._cron import CronTicker, WallClock
 from ._cron_schedule import parse_cron_spec
 from ._exceptions import ConfigurationError, DatabaseError, NeoqError, PoolTimeoutError
 from ._log import BackendLog
-from ._models import check_queue_name
+from ._models import check_queue_name, validate_job
 
 if TYPE_CHECKING:
     import logging
@@ -179,6 +179,8 @@ class Backend(ABC):
                 backend.
             NeoqError: the backend is shut down.
         """
+        self._check_open()
+        validate_job(job)
         observer = self._observer
         if observer is None:
             return await self._enqueue(job, connection)
@@ -235,15 +237,16 @@ class Backend(ABC):
 
     # -- managing jobs -------------------------------------------------------------------
 
-    @abstractmethod
     async def get_job(self, job_id: str) -> Job | None:
         """The job with this id, from the live or the dead jobs; ``None`` if unknown.
 
         Raises:
             DatabaseError: PostgreSQL failed.
+            NeoqError: the backend is shut down.
         """
+        self._check_open()
+        return await self._get_job(job_id)
 
-    @abstractmethod
     async def list_jobs(
         self,
         *,
@@ -264,9 +267,12 @@ class Backend(ABC):
         Raises:
             ConfigurationError: an unknown status, or a limit out of range.
             DatabaseError: PostgreSQL failed.
+            NeoqError: the backend is shut down.
         """
+        self._check_open()
+        before = check_listing(status, limit, before_id)
+        return await self._list_jobs(queue=queue, status=status, limit=limit, before_id=before)
 
-    @abstractmethod
     async def retry_job(self, job_id: str) -> Job:
         """Run a job again now; it keeps its id. Returns the job as it now is.
 
@@ -281,9 +287,11 @@ class Backend(ABC):
             DuplicateJobError: an unprocessed job with the same queue,
                 fingerprint and status exists; nothing changed.
             DatabaseError: PostgreSQL failed.
+            NeoqError: the backend is shut down.
         """
+        self._check_open()
+        return await self._retry_job(job_id)
 
-    @abstractmethod
     async def cancel_job(self, job_id: str) -> bool:
         """Move a job not yet processed to the dead jobs, with the error ``cancelled``.
 
@@ -292,24 +300,31 @@ class Backend(ABC):
 
         Raises:
             DatabaseError: PostgreSQL failed.
+            NeoqError: the backend is shut down.
         """
+        self._check_open()
+        return await self._cancel_job(job_id)
 
-    @abstractmethod
     async def delete_job(self, job_id: str) -> bool:
         """Delete a job, live or dead; ``False`` for an unknown id or a job
         being run now.
 
         Raises:
             DatabaseError: PostgreSQL failed.
+            NeoqError: the backend is shut down.
         """
+        self._check_open()
+        return await self._delete_job(job_id)
 
-    @abstractmethod
     async def queue_stats(self) -> list[QueueStats]:
         """Every queue that has jobs (dead ones included), by name, with its counts.
 
         Raises:
             DatabaseError: PostgreSQL failed.
+            NeoqError: the backend is shut down.
         """
+        self._check_open()
+        return await self._queue_stats()
 
     async def start_cron(
         self, spec: str, handler: Handler, *, timezone: tzinfo | None = None
@@ -454,6 +469,26 @@ class Backend(ABC):
         return self._options.keep_processed is not None or self._options.keep_dead is not None
 
     # -- what each backend provides ------------------------------------------------------
+
+    @abstractmethod
+    async def _get_job(self, job_id: str) -> Job | None: ...
+
+    @abstractmethod
+    async def _list_jobs(
+        self, *, queue: str | None, status: JobStatus | None, limit: int, before_id: int | None
+    ) -> list[Job]: ...
+
+    @abstractmethod
+    async def _retry_job(self, job_id: str) -> Job: ...
+
+    @abstractmethod
+    async def _cancel_job(self, job_id: str) -> bool: ...
+
+    @abstractmethod
+    async def _delete_job(self, job_id: str) -> bool: ...
+
+    @abstractmethod
+    async def _queue_stats(self) -> list[QueueStats]: ...
 
     @abstractmethod
     async def _enqueue(self, job: Job, connection: psycopg.AsyncConnection[Any] | None) -> str:

@@ -30,12 +30,12 @@ from typing import TYPE_CHECKING, Any, Never
 import anyio
 import anyio.lowlevel
 
-from ._backend import Backend, BackendStatistics, check_listing
+from ._backend import Backend, BackendStatistics
 from ._cron import WallClock
 from ._exceptions import DuplicateJobError, NoJobError, NoTransactionError
 from ._execution import WorkerTimer, report, run_handler
 from ._fingerprint import encode_payload
-from ._models import Job, QueueStats, validate_job
+from ._models import Job, QueueStats
 from ._outcome import as_run, decide, refuse_to_run
 from ._sync import wait_in_line
 
@@ -162,10 +162,8 @@ class MemoryBackend(Backend):
     # -- the public API ----------------------------------------------------------------
 
     async def _enqueue(self, job: Job, connection: psycopg.AsyncConnection[Any] | None) -> str:
-        self._check_open()
         if connection is not None:
             raise NoTransactionError("the in-memory backend has no database connections")
-        validate_job(job)
         text, fingerprint = encode_payload(job.queue, job.payload)
         fingerprint = job.fingerprint or fingerprint
         queue = self._queue(job.queue)
@@ -210,21 +208,13 @@ class MemoryBackend(Backend):
 
     # -- managing jobs -------------------------------------------------------------------
 
-    async def get_job(self, job_id: str) -> Job | None:
-        self._check_open()
+    async def _get_job(self, job_id: str) -> Job | None:
         await anyio.lowlevel.checkpoint()
         return self._jobs.get(job_id) or self._dead.get(job_id)
 
-    async def list_jobs(
-        self,
-        *,
-        queue: str | None = None,
-        status: JobStatus | None = None,
-        limit: int = 100,
-        before_id: str | None = None,
+    async def _list_jobs(
+        self, *, queue: str | None, status: JobStatus | None, limit: int, before_id: int | None
     ) -> list[Job]:
-        self._check_open()
-        before = check_listing(status, limit, before_id)
         await anyio.lowlevel.checkpoint()
         found = [
             job
@@ -232,13 +222,12 @@ class MemoryBackend(Backend):
             for job in jobs.values()
             if (queue is None or job.queue == queue)
             and (status is None or job.status == status)
-            and (before is None or int(job.id or 0) < before)
+            and (before_id is None or int(job.id or 0) < before_id)
         ]
         found.sort(key=lambda job: int(job.id or 0), reverse=True)
         return found[:limit]
 
-    async def retry_job(self, job_id: str) -> Job:
-        self._check_open()
+    async def _retry_job(self, job_id: str) -> Job:
         await anyio.lowlevel.checkpoint()
         job = self._jobs.get(job_id)
         if job is None:
@@ -277,8 +266,7 @@ class MemoryBackend(Backend):
         queue.push(self.clock.to_monotonic(now), retried)
         return retried
 
-    async def cancel_job(self, job_id: str) -> bool:
-        self._check_open()
+    async def _cancel_job(self, job_id: str) -> bool:
         await anyio.lowlevel.checkpoint()
         job = self._jobs.get(job_id)
         if job is None or job.status == "processed" or job_id in self._running_ids:
@@ -293,8 +281,7 @@ class MemoryBackend(Backend):
         self._notify_progress()
         return True
 
-    async def delete_job(self, job_id: str) -> bool:
-        self._check_open()
+    async def _delete_job(self, job_id: str) -> bool:
         await anyio.lowlevel.checkpoint()
         if self._dead.pop(job_id, None) is not None:
             return True
@@ -309,8 +296,7 @@ class MemoryBackend(Backend):
         self._notify_progress()
         return True
 
-    async def queue_stats(self) -> list[QueueStats]:
-        self._check_open()
+    async def _queue_stats(self) -> list[QueueStats]:
         await anyio.lowlevel.checkpoint()
         now = self.clock.now()
         counts: dict[str, dict[str, int]] = {}

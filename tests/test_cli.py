@@ -21,11 +21,11 @@ from typing import Any
 
 import anyio
 import pytest
-from anyio.abc import Process
 
 from neoq_anyio import Handler, Job, open_backend
 from neoq_anyio.testing import drain
 
+from ._processes import Running, running
 from .conftest import Database, wait_until
 
 APP = """
@@ -62,52 +62,12 @@ def _env(dsn: str, marks: Path) -> dict[str, str]:
     return {**os.environ, "NEOQ_DSN": dsn, "MARKS": str(marks), "PYTHONUNBUFFERED": "1"}
 
 
-class Worker:
-    """A ``neoq-anyio worker`` subprocess whose stderr is read as it comes."""
-
-    def __init__(self, process: Process) -> None:
-        self.process = process
-        self.stderr = ""
-        self._grew = anyio.Event()
-
-    async def read(self) -> None:
-        assert self.process.stderr is not None
-        async for chunk in self.process.stderr:
-            self.stderr += chunk.decode(errors="replace")
-            self._grew.set()
-            self._grew = anyio.Event()
-
-    async def wait_for_log(self, text: str, timeout: float = 20) -> None:
-        with anyio.fail_after(timeout):
-            while text not in self.stderr:
-                await self._grew.wait()
-
-    def signal(self, signum: signal.Signals) -> None:
-        self.process.send_signal(signum)
-
-    async def exit_status(self, timeout: float = 20) -> int:
-        with anyio.fail_after(timeout):
-            return await self.process.wait()
-
-
 @asynccontextmanager
-async def worker(app: Path, dsn: str, loop: str) -> AsyncIterator[Worker]:
+async def worker(app: Path, dsn: str, loop: str) -> AsyncIterator[Running]:
     """Run the worker for the block; killed if still running at the end."""
     command = [sys.executable, "-m", "neoq_anyio", "worker", "cli_app:setup", "--loop", loop]
-    process = await anyio.open_process(
-        command, cwd=app, env=_env(dsn, app), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    running = Worker(process)
-    try:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(running.read)
-            yield running
-            await running.exit_status()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            with anyio.move_on_after(5, shield=True):
-                await process.wait()
+    async with running(command, env=_env(dsn, app), cwd=app) as child:
+        yield child
 
 
 async def _enqueue(dsn: str, mode: str) -> str:
@@ -123,28 +83,28 @@ async def test_worker_processes_jobs_and_stops_cleanly_on_sigterm(
     app: Path, dsn: str, db: Database, anyio_backend_name: str
 ) -> None:
     job_id = await _enqueue(dsn, "quick")
-    async with worker(app, dsn, anyio_backend_name) as running:
+    async with worker(app, dsn, anyio_backend_name) as child:
         await db.wait_for(
             f"SELECT status::text FROM neoq_jobs WHERE id = {int(job_id)}",
             lambda status: status == "processed",
             timeout=20,
         )
-        running.signal(signal.SIGTERM)
-        assert await running.exit_status() == 0, running.stderr
-    assert "worker stopped" in running.stderr
+        child.signal(signal.SIGTERM)
+        assert await child.exit_status() == 0, child.stderr
+    assert "worker stopped" in child.stderr
 
 
 async def test_first_signal_lets_the_job_in_flight_finish(
     app: Path, dsn: str, db: Database, anyio_backend_name: str
 ) -> None:
     job_id = await _enqueue(dsn, "release")
-    async with worker(app, dsn, anyio_backend_name) as running:
+    async with worker(app, dsn, anyio_backend_name) as child:
         await wait_until(lambda: (app / f"started-{job_id}").exists(), timeout=20)
-        running.signal(signal.SIGTERM)
-        await running.wait_for_log("taking no more jobs")
-        assert running.process.returncode is None  # waiting for the job in flight ...
+        child.signal(signal.SIGTERM)
+        await child.wait_for_log("taking no more jobs")
+        assert child.process.returncode is None  # waiting for the job in flight ...
         (app / "release").touch()  # ... which then finishes
-        assert await running.exit_status() == 0, running.stderr
+        assert await child.exit_status() == 0, child.stderr
     assert await _status(db, job_id) == "processed"
 
 
@@ -152,13 +112,13 @@ async def test_second_signal_cancels_the_job_which_stays_queued(
     app: Path, dsn: str, db: Database, anyio_backend_name: str
 ) -> None:
     job_id = await _enqueue(dsn, "forever")
-    async with worker(app, dsn, anyio_backend_name) as running:
+    async with worker(app, dsn, anyio_backend_name) as child:
         await wait_until(lambda: (app / f"started-{job_id}").exists(), timeout=20)
-        running.signal(signal.SIGTERM)
-        await running.wait_for_log("taking no more jobs")
-        running.signal(signal.SIGINT)
-        assert await running.exit_status() == 1, running.stderr
-    assert "Traceback" not in running.stderr
+        child.signal(signal.SIGTERM)
+        await child.wait_for_log("taking no more jobs")
+        child.signal(signal.SIGINT)
+        assert await child.exit_status() == 1, child.stderr
+    assert "Traceback" not in child.stderr
     row = await db.fetch(
         "SELECT status::text, retries, error FROM neoq_jobs WHERE id = %s", (int(job_id),)
     )

@@ -33,7 +33,7 @@ from playwright.async_api import Browser, Page, async_playwright, expect
 
 from neoq_anyio import Handler, Job, open_backend
 
-from ._dashboard import dashboard
+from ._dashboard import dashboard, wait_for_url
 from .conftest import Database
 
 CHROMIUM = "/usr/bin/chromium"
@@ -132,7 +132,7 @@ async def test_operator_retries_a_dead_job_in_chromium(dsn: str, db: Database) -
             )
 
             async with dashboard(dsn, loop="trio") as server, chromium() as browser:
-                url = await server.wait_for_url()
+                url = await wait_for_url(server)
                 page = await browser.new_page(viewport={"width": 1180, "height": 400})
                 page.set_default_timeout(30_000)  # a loaded CI machine is slow, not broken
                 trouble = _watch(page)

@@ -39,7 +39,7 @@ from neoq_anyio import (
 from neoq_anyio.web import create_app
 from neoq_anyio.web._throughput import Throughput
 
-from ._dashboard import dashboard
+from ._dashboard import dashboard, wait_for_url
 from .conftest import wait_until
 
 SCRIPT = "<script>alert(1)</script>"
@@ -536,7 +536,7 @@ async def test_dashboard_command_serves_until_sigterm(dsn: str, anyio_backend_na
             job_id = await nq.enqueue(Job("emails", {"to": "ada@example.com"}))
         args = ("--token", TOKEN, "--read-only")
         async with dashboard(dsn, *args, loop=anyio_backend_name) as running:
-            url = await running.wait_for_url()
+            url = await wait_for_url(running)
             assert url.startswith("http://127.0.0.1:")
             async with httpx.AsyncClient(base_url=url, timeout=30) as c:
                 assert (await c.get("/")).status_code == 401
@@ -565,7 +565,7 @@ async def test_dashboard_command_without_token_answers_loopback_names_only(
 ) -> None:
     with anyio.fail_after(60):
         async with dashboard(dsn, loop=anyio_backend_name) as running:
-            url = await running.wait_for_url()
+            url = await wait_for_url(running)
             async with httpx.AsyncClient(base_url=url, timeout=30) as c:
                 assert (await c.get("/")).status_code == 200
                 port = url.rsplit(":", 1)[1]

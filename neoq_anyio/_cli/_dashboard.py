@@ -16,7 +16,6 @@ import importlib.util
 import ipaddress
 import logging
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -24,11 +23,11 @@ import anyio
 import click
 
 from ._base import Failure, cli, dsn_option, loop_option, require_dsn, run, usage
+from ._signals import watch_signals
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-    from anyio.abc import TaskStatus
     from hypercorn.config import Config
 
 __all__ = ["dashboard", "serve_dashboard"]
@@ -37,7 +36,6 @@ log = logging.getLogger("neoq_anyio.dashboard")
 
 _TOKEN_VARIABLE = "NEOQ_DASHBOARD_TOKEN"
 _LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _GRACE = 5.0  # seconds requests in flight get to finish after the first signal
 
 
@@ -177,27 +175,21 @@ async def serve_dashboard(
     serving = False  # a signal before this interrupts the start at once
     forced = False
 
-    async def watch_signals(
-        scope: anyio.CancelScope, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
+    def first(name: str) -> None:
+        log.info("%s: stopping the dashboard", name)
+        stop.set()
+        if not serving:
+            scope.cancel(reason=f"{name} during startup")
+
+    def again(name: str) -> None:
         nonlocal forced
-        with anyio.open_signal_receiver(*_SIGNALS) as signals:
-            task_status.started()
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if not stop.is_set():
-                    log.info("%s: stopping the dashboard", name)
-                    stop.set()
-                    if not serving:
-                        scope.cancel(reason=f"{name} during startup")
-                else:
-                    log.warning("%s again: stopping now", name)
-                    forced = True
-                    scope.cancel(reason=f"{name} received twice")
+        log.warning("%s again: stopping now", name)
+        forced = True
+        scope.cancel(reason=f"{name} received twice")
 
     async with anyio.create_task_group() as tg:
         with anyio.CancelScope() as scope:
-            await tg.start(watch_signals, scope)
+            await tg.start(watch_signals, first, again)
             # With prometheus_client, /metrics shows the database's queue
             # counts and this process's pool, as a worker's would.
             metrics = importlib.util.find_spec("prometheus_client") is not None

@@ -14,7 +14,6 @@ import importlib
 import inspect
 import logging
 import os
-import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -22,18 +21,16 @@ import anyio
 
 from neoq_anyio._open import open_backend
 
+from ._signals import watch_signals
+
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-
-    from anyio.abc import TaskStatus
 
     from neoq_anyio._backend import Backend
 
 __all__ = ["TargetError", "load_target", "run_worker"]
 
 log = logging.getLogger("neoq_anyio.worker")
-
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class TargetError(Exception):
@@ -89,36 +86,31 @@ async def run_worker(
     forced = False
     backend: Backend | None = None
 
-    async def watch_signals(
-        startup: anyio.CancelScope, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
-    ) -> None:
+    def first(name: str) -> None:
         nonlocal forced
-        with anyio.open_signal_receiver(*_SIGNALS) as signals:
-            task_status.started()
-            async for signum in signals:
-                name = signal.Signals(signum).name
-                if not stop.is_set():
-                    stop.set()
-                    if backend is None:
-                        log.warning("%s during startup: stopping", name)
-                        forced = True
-                        startup.cancel(reason=name)
-                    else:
-                        log.info(
-                            "%s: taking no more jobs; jobs in flight have %g s to finish "
-                            "(send it again to cancel them now)",
-                            name,
-                            shutdown_timeout,
-                        )
-                else:
-                    forced = True
-                    log.warning("%s again: cancelling jobs in flight; they stay queued", name)
-                    if backend is not None:
-                        backend._cancel_jobs(f"{name} received twice")
+        stop.set()
+        if backend is None:
+            log.warning("%s during startup: stopping", name)
+            forced = True
+            startup.cancel(reason=name)
+        else:
+            log.info(
+                "%s: taking no more jobs; jobs in flight have %g s to finish "
+                "(send it again to cancel them now)",
+                name,
+                shutdown_timeout,
+            )
+
+    def again(name: str) -> None:
+        nonlocal forced
+        forced = True
+        log.warning("%s again: cancelling jobs in flight; they stay queued", name)
+        if backend is not None:
+            backend._cancel_jobs(f"{name} received twice")
 
     async with anyio.create_task_group() as tg:
         with anyio.CancelScope() as startup:
-            await tg.start(watch_signals, startup)
+            await tg.start(watch_signals, first, again)
             metrics = metrics_address is not None
             async with open_backend(dsn, shutdown_timeout=shutdown_timeout, metrics=metrics) as nq:
                 await target(nq)

@@ -18,10 +18,9 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from psycopg import pq
 
-from neoq_anyio._backend import Backend, BackendStatistics, check_listing
+from neoq_anyio._backend import Backend, BackendStatistics
 from neoq_anyio._context import _lent
 from neoq_anyio._cron import tick_job_fields
-from neoq_anyio._models import validate_job
 from neoq_anyio._pg._connection import AnyioConnection, connect
 from neoq_anyio._pg._dsn import parse_connection_string
 from neoq_anyio._pg._errors import map_errors
@@ -98,8 +97,6 @@ class PostgresBackend(Backend):
         )
 
     async def _enqueue(self, job: Job, connection: psycopg.AsyncConnection[Any] | None) -> str:
-        self._check_open()
-        validate_job(job)
         # The caller's session may not be in UTC, which Go neoq's trigger
         # needs to announce due jobs: then the INSERT announces them itself.
         notify_due = (
@@ -134,38 +131,26 @@ class PostgresBackend(Backend):
         self._pending.poke()
         self._log_started(handler)
 
-    async def get_job(self, job_id: str) -> Job | None:
-        self._check_open()
+    async def _get_job(self, job_id: str) -> Job | None:
         return await self._admin.get_job(job_id)
 
-    async def list_jobs(
-        self,
-        *,
-        queue: str | None = None,
-        status: JobStatus | None = None,
-        limit: int = 100,
-        before_id: str | None = None,
+    async def _list_jobs(
+        self, *, queue: str | None, status: JobStatus | None, limit: int, before_id: int | None
     ) -> list[Job]:
-        self._check_open()
-        before = check_listing(status, limit, before_id)
         return await self._admin.list_jobs(
-            queue=queue, status=status, limit=limit, before_id=before
+            queue=queue, status=status, limit=limit, before_id=before_id
         )
 
-    async def retry_job(self, job_id: str) -> Job:
-        self._check_open()
+    async def _retry_job(self, job_id: str) -> Job:
         return await self._admin.retry_job(job_id)
 
-    async def cancel_job(self, job_id: str) -> bool:
-        self._check_open()
+    async def _cancel_job(self, job_id: str) -> bool:
         return await self._admin.cancel_job(job_id)
 
-    async def delete_job(self, job_id: str) -> bool:
-        self._check_open()
+    async def _delete_job(self, job_id: str) -> bool:
         return await self._admin.delete_job(job_id)
 
-    async def queue_stats(self) -> list[QueueStats]:
-        self._check_open()
+    async def _queue_stats(self) -> list[QueueStats]:
         return await self._admin.queue_stats()
 
     @asynccontextmanager
