@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 
     from anyio.abc import TaskStatus
 
-    from ._backend import Backend
     from ._models import Job
     from ._outcome import Outcome
 
@@ -70,10 +69,14 @@ class Observer:
         """``job``'s run was cancelled (shutdown): no outcome, it stays queued."""
 
     async def run(
-        self, backend: Backend, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self, backend: Any, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """A background service for ``backend``, in its task group, cancelled
-        at shutdown (metrics refresh their queue counts here)."""
+        at shutdown (metrics refresh their queue counts here).
+
+        ``backend`` is the ``Backend``; observers that use it say so (typing
+        it here would make ``_backend`` and this module import each other).
+        """
         task_status.started()
 
 
@@ -116,7 +119,7 @@ class _Fanout(Observer):
             observer.job_abandoned(job, own)
 
     async def run(
-        self, backend: Backend, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+        self, backend: Any, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         async with anyio.create_task_group() as tg:
             for observer in self._observers:
