@@ -164,6 +164,26 @@ class QueueStats:
     paused: bool
 
 
+def job_document(job: Job) -> dict[str, Any]:
+    """A job as JSON shows it (the command line's ``--json``, the dashboard's API)."""
+    return {
+        "id": job.id,
+        "queue": job.queue,
+        "status": job.status,
+        "payload": job.payload,
+        "retries": job.retries,
+        "max_retries": job.max_retries,
+        "run_after": _iso(job.run_after),
+        "ran_at": _iso(job.ran_at),
+        "created_at": _iso(job.created_at),
+        "error": job.error,
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
 def _utc(value: datetime | None) -> datetime | None:
     return value.astimezone(UTC) if value is not None else None
 

@@ -9,13 +9,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import anyio
 import click
 
+from neoq_anyio._models import job_document
 from neoq_anyio._open import lone_exception
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-    from datetime import datetime
 
-    from neoq_anyio._models import Job
 
 __all__ = [
     "Failure",
@@ -101,26 +100,6 @@ def cli() -> None:
     Every command takes --dsn, or reads NEOQ_DSN. `neoq-anyio COMMAND --help`
     tells more.
     """
-
-
-def job_document(job: Job) -> dict[str, Any]:
-    """A job as the ``--json`` output shows it."""
-    return {
-        "id": job.id,
-        "queue": job.queue,
-        "status": job.status,
-        "payload": job.payload,
-        "retries": job.retries,
-        "max_retries": job.max_retries,
-        "run_after": _iso(job.run_after),
-        "ran_at": _iso(job.ran_at),
-        "created_at": _iso(job.created_at),
-        "error": job.error,
-    }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def echo_json(document: Any) -> None:

@@ -13,6 +13,8 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
+from neoq_anyio import _models as models
+
 from ._html import CSS, SCRIPT, Markup, html, join
 
 if TYPE_CHECKING:
@@ -435,23 +437,11 @@ def job_cells(job: Job, now: datetime) -> dict[str, str]:
 
 
 def job_document(job: Job, now: datetime) -> dict[str, Any]:
-    """A job as ``/api/jobs/ID`` serves it (the command line's ``--json`` fields, and display)."""
-
-    def iso(value: datetime | None) -> str | None:
-        return value.isoformat() if value is not None else None
-
+    """A job as ``/api/jobs/ID`` serves it: the command line's ``--json`` fields,
+    its deadline, and its table cells for display."""
     return {
-        "id": job.id,
-        "queue": job.queue,
-        "status": job.status,
-        "payload": job.payload,
-        "retries": job.retries,
-        "max_retries": job.max_retries,
-        "run_after": iso(job.run_after),
-        "ran_at": iso(job.ran_at),
-        "created_at": iso(job.created_at),
-        "deadline": iso(job.deadline),
-        "error": job.error,
+        **models.job_document(job),
+        "deadline": job.deadline.isoformat() if job.deadline is not None else None,
         "cells": job_cells(job, now),
     }
 
