@@ -148,7 +148,6 @@ class MemoryBackend(Backend):
         self._queues: dict[str, _Queue] = {}
         self._last_tick: dict[str, datetime] = {}  # per cron queue
         self._next_id = 0
-        self._in_flight = 0
         self._workers = 0
         self._workers_done = anyio.Event()
         self._workers_done.set()
@@ -336,7 +335,7 @@ class MemoryBackend(Backend):
     def statistics(self) -> BackendStatistics:
         return BackendStatistics(
             queues=tuple(self._handlers),
-            jobs_in_flight=self._in_flight,
+            jobs_in_flight=len(self._running_ids),
             pool=None,
             listener_reconnects=0,
         )
@@ -384,7 +383,6 @@ class MemoryBackend(Backend):
                         seen = as_run(job)
                         timer.start()
                         running = job
-                        self._in_flight += 1
                         running_ids.add(job_id)
                         if observer is not None:
                             observed = observer.job_started(seen)
@@ -394,7 +392,6 @@ class MemoryBackend(Backend):
                             # went on: still a timeout, concluded below, out of
                             # the cancelled scope.
                             break
-                        self._in_flight -= 1
                         running_ids.discard(job_id)
                         running = None
                         outcome = decide(seen, exc)
@@ -419,7 +416,6 @@ class MemoryBackend(Backend):
                             await anyio.lowlevel.checkpoint()
                 if running is not None:  # the timer cut the running job short
                     job, running = running, None
-                    self._in_flight -= 1
                     running_ids.discard(job.id or "")
                     seen = as_run(job)
                     state, observed = observed, None
@@ -427,7 +423,6 @@ class MemoryBackend(Backend):
                     await self._conclude(queue, job, seen, outcome, recover, state)
         except BaseException:
             if running is not None:  # cancelled at shutdown: the job stays queued as it was
-                self._in_flight -= 1
                 running_ids.discard(running.id or "")
                 queue.push(clock.monotonic(), running)
                 if observer is not None and observed is not None:
@@ -559,7 +554,7 @@ class MemoryBackend(Backend):
         await self._workers_done.wait()
 
     async def _wait_drained(self) -> None:
-        while self._has_due() or self._in_flight:
+        while self._has_due() or self._running_ids:
             if self._progress is None:
                 self._progress = anyio.Event()
             await self._progress.wait()
