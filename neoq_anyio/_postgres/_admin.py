@@ -19,6 +19,7 @@ from neoq_anyio._models import Job, QueueStats
 from neoq_anyio._pg._errors import map_errors
 
 from . import _sql
+from ._store import job_from_row
 
 if TYPE_CHECKING:
     from neoq_anyio._log import BackendLog
@@ -43,12 +44,6 @@ def job_number(job_id: str) -> int | None:
     return number if number < 2**63 else None
 
 
-def _job(row: tuple[Any, ...]) -> Job:
-    # Rows may carry more columns after the job's (pg_notify's result): ignored.
-    columns = _sql.JOB_COLUMN_NAMES
-    return Job._from_row(dict(zip(columns, row[: len(columns)], strict=True)))
-
-
 class JobAdmin:
     """Runs the management and retention statements on pooled connections."""
 
@@ -63,7 +58,7 @@ class JobAdmin:
         with map_errors(self._log.redact, f"cannot read job {job_id}"):
             async with self._pool.connection() as conn:
                 row = await (await conn.execute(_sql.GET_JOB, {"id": number})).fetchone()
-        return _job(row) if row else None
+        return job_from_row(row) if row else None
 
     async def list_jobs(
         self, *, queue: str | None, status: JobStatus | None, limit: int, before_id: int | None
@@ -73,7 +68,7 @@ class JobAdmin:
         with map_errors(self._log.redact, "cannot list jobs"):
             async with self._pool.connection() as conn:
                 rows = await (await conn.execute(query, params)).fetchall()
-        return [_job(row) for row in rows]
+        return [job_from_row(row) for row in rows]
 
     async def retry_job(self, job_id: str) -> Job:
         number = job_number(job_id)
@@ -90,7 +85,7 @@ class JobAdmin:
             if exc.sqlstate == _UNIQUE_VIOLATION:  # a processed job's twin is queued
                 raise _duplicate(job_id) from None
             raise
-        return _job(row)
+        return job_from_row(row)
 
     async def _retry_dead(
         self, conn: AnyioConnection, params: dict[str, int], job_id: str

@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from neoq_anyio._pg._connection import AnyioConnection
     from neoq_anyio._pg._pool import ConnectionPool
 
-__all__ = ["JobStore"]
+__all__ = ["JobStore", "job_from_row"]
 
 _INERROR = pq.TransactionStatus.INERROR
 _OK = pq.ConnStatus.OK
@@ -51,12 +51,10 @@ class _HeldBack:
     until: float
 
 
-def _job(row: tuple[Any, ...]) -> Job:
-    return Job._from_row(dict(zip(_sql.JOB_COLUMN_NAMES, row, strict=True)))
-
-
-def _taken(row: tuple[Any, ...]) -> Job:
-    return Job._from_row(dict(zip(_sql.TAKE_COLUMN_NAMES, row, strict=True)))
+def job_from_row(row: tuple[Any, ...], columns: tuple[str, ...] = _sql.JOB_COLUMN_NAMES) -> Job:
+    """A job from a row holding ``columns`` first; columns after them (say,
+    ``pg_notify``'s result) are ignored."""
+    return Job._from_row(dict(zip(columns, row[: len(columns)], strict=True)))
 
 
 class JobStore:
@@ -147,7 +145,7 @@ class JobStore:
                 row = await self._take_row(conn, queue, [*skip, *map(int, self._mine)])
             if row is None:
                 return None
-        job = _taken(row)
+        job = job_from_row(row, _sql.TAKE_COLUMN_NAMES)
         self._mine.add(str(job.id))
         return job
 
@@ -343,7 +341,7 @@ class JobStore:
                 rows = await cur.fetchall()
         finally:
             await conn.close()
-        return [_job(row) for row in rows]
+        return [job_from_row(row) for row in rows]
 
     async def fast_forward(self, seconds: float) -> None:
         with map_errors(self._log.redact, "cannot move jobs forward"):
