@@ -376,8 +376,10 @@ class MemoryBackend(Backend):
                         ):
                             self._notify_progress()  # drain() may be waiting on it
                             continue
-                        refused = refuse_to_run(job, clock.now())
-                        if refused is not None:
+                        # now() only for a job with a deadline: it costs more than a no-op job.
+                        if job.deadline is not None and (
+                            refused := refuse_to_run(job, clock.now())
+                        ):
                             await self._conclude(queue, job, job, refused, recover)
                             continue
                         seen = as_run(job)

@@ -104,6 +104,9 @@ class Outcome:
     ran: bool = True
 
 
+_PROCESSED_FIRST_RUN: Outcome = Outcome("processed", 0)
+
+
 def as_run(job: Job) -> Job:
     """The job as its handler sees it: a run of a failed job is a retry, and
     counts as one (Go neoq's counting, so Go and Python workers agree)."""
@@ -131,7 +134,8 @@ def decide(job: Job, exc: BaseException | None) -> Outcome:
     """
     retries = job.retries
     if exc is None:
-        return Outcome("processed", retries)
+        # Shared for the common case: building one costs more than a no-op job.
+        return _PROCESSED_FIRST_RUN if retries == 0 else Outcome("processed", retries)
     error = describe_error(exc)
     if job.max_retries is not None and retries >= job.max_retries:
         return Outcome("dead", retries, error, exc=exc)
