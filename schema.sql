@@ -52,13 +52,15 @@ ALTER TABLE neoq_dead_jobs ADD COLUMN IF NOT EXISTS deadline timestamp with time
 
 -- 20230902105301 and 20240302172413: at most one unprocessed job per queue,
 -- fingerprint and status. Go's older (fingerprint, status) index is replaced.
-DO $$ BEGIN
-    IF EXISTS (
-        SELECT 1 FROM pg_indexes
-        WHERE schemaname = current_schema()
-          AND indexname = 'neoq_jobs_fingerprint_unique_idx'
-          AND indexdef NOT LIKE '%(queue, fingerprint, status)%'
-    ) THEN
+-- (The index is looked up by name, not through pg_indexes, which would
+-- describe every index of the database, even ones being dropped meanwhile.)
+DO $$
+DECLARE
+    old_index regclass := to_regclass(
+        quote_ident(current_schema()) || '.neoq_jobs_fingerprint_unique_idx');
+BEGIN
+    IF old_index IS NOT NULL
+       AND pg_get_indexdef(old_index) NOT LIKE '%(queue, fingerprint, status)%' THEN
         DROP INDEX neoq_jobs_fingerprint_unique_idx;
     END IF;
 END $$;
@@ -109,10 +111,8 @@ WHERE NOT EXISTS (SELECT 1 FROM neoq_schema_migrations);
 
 -- neoq_anyio additions (additive only; Go neoq ignores them).
 
--- Due and future jobs are looked up by queue among unprocessed rows; keeping
--- processed rows out of the index keeps those look-ups flat as history grows.
-CREATE INDEX IF NOT EXISTS neoq_anyio_jobs_due_idx
-    ON neoq_jobs (queue, run_after, id) WHERE status <> 'processed';
+-- (Version 1 indexed due jobs in neoq_anyio_jobs_due_idx; version 5
+-- replaces it with neoq_anyio_jobs_ready_idx below.)
 
 -- neoq_jobs.id became bigint in Go neoq, but neoq_dead_jobs.id stayed an
 -- integer, so burying a job with an id past 2^31 would fail. Widening is
@@ -149,3 +149,23 @@ CREATE INDEX IF NOT EXISTS neoq_anyio_dead_jobs_created_at_idx ON neoq_dead_jobs
 -- so the job's span continues that trace. Nullable: Go neoq's INSERTs,
 -- which do not name it, leave it NULL.
 ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS trace_context jsonb;
+
+-- Version 5: lease mode (neoq_anyio/_postgres/_leases.py). A leased job keeps
+-- its status (new or failed, so deduplication is as in transaction mode) and
+-- carries a lease: its fencing token (the claiming transaction's id) and when
+-- the lease expires. Every write of the lease holder matches the token.
+ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS lease_token bigint;
+ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS lease_expires_at timestamp with time zone;
+
+-- Jobs ready to be claimed, by queue, oldest run_after first: unprocessed and
+-- not leased. Keeping processed and leased rows out keeps claims flat as
+-- history grows; claims start from where the last one ended (a keyset
+-- "watermark"), so the dead entries completed jobs leave at the head of this
+-- index are not walked again (neoq_anyio/_postgres/_watermark.py).
+CREATE INDEX IF NOT EXISTS neoq_anyio_jobs_ready_idx
+    ON neoq_jobs (queue, run_after, id) WHERE status <> 'processed' AND lease_token IS NULL;
+DROP INDEX IF EXISTS neoq_anyio_jobs_due_idx;
+
+-- Leases by expiry, to find those whose worker was lost.
+CREATE INDEX IF NOT EXISTS neoq_anyio_jobs_lease_idx
+    ON neoq_jobs (queue, lease_expires_at) WHERE lease_token IS NOT NULL;

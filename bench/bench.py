@@ -1,7 +1,9 @@
 """neoq_anyio benchmark: throughput and latency beside a raw-psycopg floor.
 
 Run: ``python bench/bench.py`` (embedded PostgreSQL) or
-``python bench/bench.py --dsn postgresql://...``.
+``python bench/bench.py --dsn postgresql://...``; ``--quick --rounds 1`` for
+a smoke run; ``--sync-commit on|off|both`` (default both) for the enqueue
+and transaction-mode rows.
 
 Every figure is printed beside a *floor*: psycopg's own AsyncConnection on
 asyncio running exactly the same SQL as the PostgreSQL backend (the statements
@@ -11,41 +13,59 @@ neoq_anyio / floor is what to watch: absolute numbers swing with the
 machine's load, ratios taken in one run do not. Each scenario runs in a
 fresh schema, so table bloat from one does not slow the next.
 
-Targets: processing >= 50 % of the floor, enqueue >= 70 %, p50
-enqueue-to-start latency < 10 ms; processing with Prometheus metrics on
->= 95 % of the same with them off; the in-memory backend processes at least
-20x faster than the PostgreSQL backend, and holds a million queued no-op jobs
-in under 1.5 GiB.
+Transaction mode (the default) processes 10,000 no-op jobs at concurrency 10
+and 50 (the pool sized to match) beside a floor with as many connections,
+each taking and completing one job per transaction, taking jobs after a
+shared watermark as the backend does. Synchronous commit: the
+backend's default (``synchronous_commit=False``) sets it off per session;
+"on" keeps the server's setting. Each floor uses the setting of the row it
+sits beside.
+
+Targets: transaction-mode processing >= 80 % of the floor, at c=10 and
+c=50, synchronous commit on and off; enqueue >= 70 %; p50 enqueue-to-start
+latency < 10 ms; processing with Prometheus metrics on >= 95 % of the same
+with them off; the in-memory backend processes at least 20x faster than the
+PostgreSQL backend, and holds a million queued no-op jobs in under 1.5 GiB.
+
+Lease mode is in ``lease.py``, batched enqueue in ``enqueue_many.py``,
+backlogs in ``backlog.py``.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
-import uuid
-from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
+from common import (
+    LOOPS,
+    Row,
+    best_of,
+    describe_server,
+    ensure_lease_columns,
+    floor_connection,
+    fresh_schema,
+    payload_params,
+    percentile,
+    print_table,
+    servers,
+    sync_modes,
+)
 from prometheus_client import CollectorRegistry
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
 
 from neoq_anyio import Handler, Job, open_backend
-from neoq_anyio.embedded import embedded_postgres
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
-
-LOOPS = ("asyncio", "trio")
+    from collections.abc import Callable
 
 # -- the floor's SQL -------------------------------------------------------------------
 # The statements the PostgreSQL backend runs to enqueue, take and complete a job, as in
@@ -58,18 +78,37 @@ INSERT_JOB = (
 )
 NEXT_JOB = (
     "SELECT id, fingerprint, queue, status, deadline, payload, retries, max_retries, "
-    "run_after, ran_at, created_at, error "
+    "run_after, ran_at, created_at, error, trace_context "
     "FROM neoq_jobs "
-    "WHERE queue = {} AND status <> 'processed' AND run_after <= now() "
+    "WHERE queue = {} AND status <> 'processed' AND lease_token IS NULL "
+    "AND run_after <= now() "
     "ORDER BY run_after, id "
     "LIMIT 1 FOR UPDATE SKIP LOCKED"
 )
 RETRIES_COLUMN = 6  # of NEXT_JOB's row
+RUN_AFTER_COLUMN = 8
+
+Position = tuple[datetime, int]  # (run_after, id) of the last job taken: the watermark
 
 
-def take_job(queue: str, conn: psycopg.AsyncConnection[Any]) -> str:
-    """``BEGIN; <the locking SELECT>; SAVEPOINT``, sent in one simple-protocol round trip."""
+def take_job(
+    queue: str,
+    conn: psycopg.AsyncConnection[Any],
+    position: Position | None = None,
+    *,
+    behind: bool = False,
+) -> str:
+    """``BEGIN; <the locking SELECT>; SAVEPOINT``, sent in one simple-protocol round trip;
+    only jobs after ``position`` in claim order (``behind``: at or before it), as the
+    backend's watermark does (neoq_anyio/_postgres/_watermark.py)."""
     select = sql.SQL(NEXT_JOB).format(sql.Literal(queue)).as_string(conn)
+    if position is not None:
+        run_after, job_id = position
+        condition = (
+            f"AND (run_after, id) {'<=' if behind else '>'} "
+            f"('{run_after.isoformat()}'::timestamptz, {job_id:d}) "
+        )
+        select = select.replace("AND run_after <= now()", condition + "AND run_after <= now()")
     return f"BEGIN; {select}; SAVEPOINT neoq_job"
 
 
@@ -80,65 +119,6 @@ def complete_job(job_id: int, retries: int) -> str:
         "UPDATE neoq_jobs SET status = 'processed', ran_at = now(), error = NULL, "
         f"retries = {retries:d} WHERE id = {job_id:d}; COMMIT"
     )
-
-
-@dataclass
-class Row:
-    """One line of the table: our figure beside a reference measured in the same run."""
-
-    metric: str
-    loop: str
-    ours: float
-    floor: float | None  # the reference; None when there is none
-    unit: str
-    target: str
-    higher_is_better: bool = True
-    times: bool = False  # show the ratio as "25.3x" instead of a percentage
-
-    @property
-    def ratio_text(self) -> str:
-        if self.floor is None:
-            return "-"
-        ratio = self.ours / self.floor if self.higher_is_better else self.floor / self.ours
-        return f"{ratio:.1f}x" if self.times else f"{ratio:.0%}"
-
-
-# -- schema per scenario ------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def fresh_schema(dsn: str) -> Iterator[str]:
-    """A DSN whose search_path is a new schema with neoq's tables; dropped afterwards."""
-    name = f"bench_{uuid.uuid4().hex[:10]}"
-    scoped = make_conninfo(dsn, options=f"-csearch_path={name}")
-
-    async def setup() -> None:
-        # Opening a backend creates the schema and neoq's tables in it.
-        async with open_backend(scoped):
-            pass
-
-    anyio.run(setup)
-    try:
-        yield scoped
-    finally:
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(name)))
-
-
-async def floor_connection(dsn: str) -> psycopg.AsyncConnection[Any]:
-    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
-    await conn.execute(
-        "SET TimeZone = 'UTC'; SET synchronous_commit = off; "
-        "SET idle_in_transaction_session_timeout = 30000"
-    )
-    return conn
-
-
-def payload_params(queue: str, n: int) -> tuple[Any, ...]:
-    payload = {"n": n}
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
-    fingerprint = hashlib.md5((queue + text).encode(), usedforsecurity=False).hexdigest()
-    return (queue, fingerprint, text, None, None)
 
 
 class Counter:
@@ -158,9 +138,9 @@ class Counter:
 # -- enqueue ---------------------------------------------------------------------------
 
 
-def bench_enqueue_ours(dsn: str, loop: str, count: int) -> float:
+def bench_enqueue_ours(dsn: str, loop: str, count: int, sync: bool = False) -> float:
     async def main() -> float:
-        async with open_backend(dsn) as nq:
+        async with open_backend(dsn, synchronous_commit=sync) as nq:
             for n in range(50):  # warm the pool and psycopg's prepared statements
                 await nq.enqueue(Job("warm", {"n": n}))
             start = time.perf_counter()
@@ -171,9 +151,9 @@ def bench_enqueue_ours(dsn: str, loop: str, count: int) -> float:
     return anyio.run(main, backend=loop)
 
 
-def bench_enqueue_floor(dsn: str, count: int) -> float:
+def bench_enqueue_floor(dsn: str, count: int, sync: bool = False) -> float:
     async def main() -> float:
-        conn = await floor_connection(dsn)
+        conn = await floor_connection(dsn, synchronous_commit=sync)
         async with conn:
             for n in range(50):
                 await (await conn.execute(INSERT_JOB, payload_params("warm", n))).fetchone()
@@ -199,7 +179,7 @@ def insert_backlog(dsn: str, queue: str, count: int) -> None:
 
 
 def bench_process_ours(
-    dsn: str, loop: str, count: int, concurrency: int, *, metrics: bool = False
+    dsn: str, loop: str, count: int, concurrency: int, *, metrics: bool = False, sync: bool = False
 ) -> float:
     insert_backlog(dsn, "work", count)
     scoped = f"{dsn} pool_max_conns={concurrency + 2}"  # fresh_schema gives key=value form
@@ -210,7 +190,7 @@ def bench_process_ours(
         # A registry per run: the counts of one run do not pile onto the next.
         registry: Any = CollectorRegistry() if metrics else False
 
-        async with open_backend(scoped, metrics=registry) as nq:
+        async with open_backend(scoped, metrics=registry, synchronous_commit=sync) as nq:
             start = time.perf_counter()
             await nq.start(Handler("work", handle, concurrency=concurrency))
             with anyio.fail_after(300):
@@ -220,23 +200,39 @@ def bench_process_ours(
     return anyio.run(main, backend=loop)
 
 
-def bench_process_floor(dsn: str, count: int, concurrency: int) -> float:
+def bench_process_floor(dsn: str, count: int, concurrency: int, sync: bool = False) -> float:
+    """One connection per job in flight, each taking and completing one job per
+    transaction, as transaction mode does."""
+    ensure_lease_columns(dsn)  # a schema from before lease mode: NEXT_JOB names them
     insert_backlog(dsn, "work", count)
 
     async def main() -> float:
-        conns = [await floor_connection(dsn) for _ in range(concurrency)]
-        take = take_job("work", conns[0])
+        conns = [await floor_connection(dsn, synchronous_commit=sync) for _ in range(concurrency)]
         processed = 0
+        watermark: Position | None = None  # one per queue and process, as in the backend
+
+        async def take(
+            conn: psycopg.AsyncConnection[Any], position: Position | None, *, behind: bool = False
+        ) -> tuple[Any, ...] | None:
+            cur = await conn.execute(take_job("work", conn, position, behind=behind))
+            cur.nextset()
+            row = await cur.fetchone()
+            if row is None:
+                await conn.execute("ROLLBACK")
+            return row
 
         async def worker(conn: psycopg.AsyncConnection[Any]) -> None:
-            nonlocal processed
+            nonlocal processed, watermark
             while True:
-                cur = await conn.execute(take)
-                cur.nextset()
-                row = await cur.fetchone()
+                position = watermark
+                row = await take(conn, position)
+                if row is None and position is not None:
+                    row = await take(conn, position, behind=True)
                 if row is None:
-                    await conn.execute("ROLLBACK")
                     return
+                taken = (row[RUN_AFTER_COLUMN], row[0])
+                if watermark is None or taken > watermark:
+                    watermark = taken
                 await conn.execute(complete_job(row[0], row[RETRIES_COLUMN] or 0))
                 processed += 1
 
@@ -279,19 +275,20 @@ def bench_latency_ours(dsn: str, loop: str, samples: int) -> list[float]:
 
 
 def bench_latency_floor(dsn: str, samples: int) -> list[float]:
+    ensure_lease_columns(dsn)
+
     async def main() -> list[float]:
         listen = await floor_connection(dsn)
         worker = await floor_connection(dsn)
         producer = await floor_connection(dsn)
         await listen.execute("LISTEN latency")
-        take = take_job("latency", worker)
         latencies: list[float] = []
         gen = listen.notifies()
         for n in range(samples + 20):
             sent_at = time.perf_counter()
             await (await producer.execute(INSERT_JOB, payload_params("latency", n))).fetchone()
             await anext(gen)
-            cur = await worker.execute(take)
+            cur = await worker.execute(take_job("latency", worker))
             cur.nextset()
             row = await cur.fetchone()
             assert row is not None
@@ -360,31 +357,7 @@ def memory_million_child(loop: str, count: int) -> None:
     print(json.dumps(anyio.run(main, backend=loop)))
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
-# -- table ---------------------------------------------------------------------------
-
-
-def print_table(rows: list[Row]) -> None:
-    header = f"{'metric':<44} {'loop':<8} {'neoq_anyio':>13} {'reference':>13} {'ratio':>7}  target"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        floor = "" if r.floor is None else f"{r.floor:>10.1f} {r.unit:<3}"
-        print(
-            f"{r.metric:<44} {r.loop:<8} {r.ours:>10.1f} {r.unit:<3}"
-            f" {floor:>13} {r.ratio_text:>7}  {r.target}"
-        )
-    print(
-        "\nreference: raw psycopg on asyncio running the same SQL (rows without 'memory'); "
-        "the PostgreSQL backend on the same loop (memory rows)."
-    )
-
-
-def run(dsn: str, *, quick: bool, rounds: int) -> list[Row]:
+def run(dsn: str, *, quick: bool, rounds: int, syncs: list[bool]) -> list[Row]:
     enqueue_n = 500 if quick else 3000
     process_n = 2000 if quick else 10_000
     samples = 50 if quick else 300
@@ -396,36 +369,16 @@ def run(dsn: str, *, quick: bool, rounds: int) -> list[Row]:
             return fn(scoped, *args, **kwargs)
 
     def best(fns: dict[str, Callable[[], float]]) -> dict[str, float]:
-        """Alternate the measurements for ``rounds`` rounds; keep each one's best,
-        so a burst of load on the shared machine does not pick a winner."""
-        results: dict[str, float] = {}
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                results[name] = max(results.get(name, 0.0), fn())
-        return results
+        return best_of(rounds, fns)
 
-    got = best(
-        {
-            "floor": lambda: scenario(bench_enqueue_floor, enqueue_n),
-            **{
-                loop: (lambda loop=loop: scenario(bench_enqueue_ours, loop, enqueue_n))
-                for loop in LOOPS
-            },
-        }
-    )
-    for loop in LOOPS:
-        rows.append(
-            Row("enqueue (jobs/s, one per call)", loop, got[loop], got["floor"], "/s", ">= 70%")
-        )
-    pg_rate: dict[tuple[str, int], float] = {}
-    for concurrency in (10, 50):
+    for sync in syncs:
         got = best(
             {
-                "floor": lambda c=concurrency: scenario(bench_process_floor, process_n, c),
+                "floor": lambda sync=sync: scenario(bench_enqueue_floor, enqueue_n, sync),
                 **{
                     loop: (
-                        lambda loop=loop, c=concurrency: scenario(
-                            bench_process_ours, loop, process_n, c
+                        lambda loop=loop, sync=sync: scenario(
+                            bench_enqueue_ours, loop, enqueue_n, sync
                         )
                     )
                     for loop in LOOPS
@@ -433,17 +386,48 @@ def run(dsn: str, *, quick: bool, rounds: int) -> list[Row]:
             }
         )
         for loop in LOOPS:
-            pg_rate[loop, concurrency] = got[loop]
             rows.append(
                 Row(
-                    f"process {process_n} no-op, c={concurrency} (jobs/s)",
+                    f"enqueue (jobs/s, one per call), sync {'on' if sync else 'off'}",
                     loop,
                     got[loop],
                     got["floor"],
                     "/s",
-                    ">= 50%",
+                    ">= 70%",
                 )
             )
+    pg_rate: dict[tuple[str, int], float] = {}
+    for sync in syncs:
+        for concurrency in (10, 50):
+            got = best(
+                {
+                    "floor": lambda c=concurrency, sync=sync: scenario(
+                        bench_process_floor, process_n, c, sync
+                    ),
+                    **{
+                        loop: (
+                            lambda loop=loop, c=concurrency, sync=sync: scenario(
+                                bench_process_ours, loop, process_n, c, sync=sync
+                            )
+                        )
+                        for loop in LOOPS
+                    },
+                }
+            )
+            for loop in LOOPS:
+                if not sync:
+                    pg_rate[loop, concurrency] = got[loop]
+                rows.append(
+                    Row(
+                        f"transaction: process {process_n} no-op, c={concurrency}, "
+                        f"sync {'on' if sync else 'off'} (jobs/s)",
+                        loop,
+                        got[loop],
+                        got["floor"],
+                        "/s",
+                        ">= 80%",
+                    )
+                )
     # The cost of metrics: the same no-op processing with and without them,
     # alternated in one run; metrics off is the reference.
     got = best(
@@ -531,16 +515,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--memory-million", nargs=2, metavar=("LOOP", "COUNT"), help=argparse.SUPPRESS
     )
+    parser.add_argument(
+        "--sync-commit",
+        choices=("off", "on", "both"),
+        default="both",
+        help="synchronous_commit of the enqueue and transaction-mode rows (default: both)",
+    )
     args = parser.parse_args(argv)
     if args.memory_million:
         memory_million_child(args.memory_million[0], int(args.memory_million[1]))
         return 0
-    if args.dsn:
-        rows = run(args.dsn, quick=args.quick, rounds=args.rounds)
-    else:
-        with embedded_postgres() as dsn:
-            rows = run(dsn, quick=args.quick, rounds=args.rounds)
-    print_table(rows)
+    syncs = sync_modes(args.sync_commit)
+    with servers(args.dsn) as dsn:
+        server = describe_server(dsn)
+        rows = run(dsn, quick=args.quick, rounds=args.rounds, syncs=syncs)
+    print(f"server: {'embedded ' if not args.dsn else ''}{server}\n")
+    print_table(
+        rows,
+        note="reference: raw psycopg on asyncio running the same SQL (rows without "
+        "'memory'; sync on/off: synchronous_commit of both); the PostgreSQL backend on "
+        "the same loop (memory rows).",
+    )
     return 0
 
 

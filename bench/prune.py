@@ -20,8 +20,8 @@ import time
 
 import anyio
 import psycopg
+from common import fresh_schema  # bench/common.py: this directory is on sys.path
 
-from bench import fresh_schema  # bench/bench.py: this directory is on sys.path
 from neoq_anyio import Handler, Job, open_backend
 from neoq_anyio.embedded import embedded_postgres
 

@@ -18,7 +18,9 @@ from ._exceptions import DatabaseError as DatabaseError
 from ._exceptions import DuplicateJobError as DuplicateJobError
 from ._exceptions import InvalidJobError as InvalidJobError
 from ._exceptions import JobDeadlineError as JobDeadlineError
+from ._exceptions import JobLostError as JobLostError
 from ._exceptions import JobTimeoutError as JobTimeoutError
+from ._exceptions import LeaseLostError as LeaseLostError
 from ._exceptions import NeoqError as NeoqError
 from ._exceptions import NoJobError as NoJobError
 from ._exceptions import NoQueueError as NoQueueError
@@ -51,8 +53,10 @@ __all__ = (
     "InvalidJobError",
     "Job",
     "JobDeadlineError",
+    "JobLostError",
     "JobQuery",
     "JobTimeoutError",
+    "LeaseLostError",
     "MemoryBackend",
     "NeoqError",
     "NoJobError",

@@ -16,9 +16,10 @@ block goes on:
 3. cancel the workers and give them a moment to roll back, then cancel the
    services and release resources (``_close``).
 
-``enqueue`` is the one method defined here: it calls the backend's
-``_enqueue`` within the observer's hooks (``neoq_anyio._observe``: metrics,
-tracing), or directly when nothing observes.
+``enqueue`` and ``enqueue_many`` are defined here: they call the backend's
+``_enqueue`` and ``_enqueue_many`` within the observer's hooks
+(``neoq_anyio._observe``: metrics, tracing), or directly when nothing
+observes.
 
 The private methods under "for neoq_anyio.testing" are the small interface
 the testing helpers use, so they never reach into a backend's state.
@@ -26,6 +27,7 @@ the testing helpers use, so they never reach into a backend's state.
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -33,7 +35,9 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
+from ._batch import check_batch
 from ._cron import CronTicker, WallClock
 from ._cron_schedule import parse_cron_spec
 from ._exceptions import ConfigurationError, DatabaseError, NeoqError, PoolTimeoutError
@@ -42,7 +46,7 @@ from ._models import check_queue_name, validate_job
 
 if TYPE_CHECKING:
     import logging
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterable, Sequence
     from contextlib import AbstractAsyncContextManager
     from datetime import datetime, tzinfo
 
@@ -120,6 +124,8 @@ class Options:
     keep_processed: float | None = None
     keep_dead: float | None = None
     observer: Observer | None = None  # metrics and tracing (neoq_anyio._observe)
+    pooler: str | None = None  # "transaction" or "transaction_prepared": behind a pooler
+    listen_connection_string: str | None = None  # a direct connection for LISTEN
 
 
 class Backend(ABC):
@@ -192,6 +198,71 @@ class Backend(ABC):
             raise
         observer.enqueue_finished(state, job, job_id, None)
         return job_id
+
+    async def enqueue_many(
+        self, jobs: Iterable[Job], *, connection: psycopg.AsyncConnection[Any] | None = None
+    ) -> list[str | None]:
+        """Add many jobs in one round trip; their ids, in the order of ``jobs``.
+
+        Each job is checked as ``enqueue`` checks it, all of them before
+        anything is stored. A job that ``enqueue`` would refuse as a
+        duplicate, of a stored job or of an earlier job of ``jobs``, is
+        skipped: its id is ``None``. Workers are woken for the due jobs as
+        by ``enqueue``. An empty ``jobs`` returns ``[]`` at once.
+
+        Args:
+            jobs: the jobs (a list, a tuple, any iterable).
+            connection: enqueue inside this connection's open transaction,
+                as ``enqueue`` does: the jobs exist only if it commits.
+                PostgreSQL only.
+
+        Returns:
+            One entry per job: its id, or ``None`` for a duplicate.
+
+        On the in-memory backend, jobs for a queue whose handler has a
+        ``max_queue_capacity`` are added one at a time, each waiting for
+        room as ``enqueue`` does; cancelled in such a wait, the jobs added
+        before stay.
+
+        Raises:
+            NoQueueError, InvalidJobError: a job is invalid, as for
+                ``enqueue`` (the message names its index, ``jobs[3]: ...``),
+                or ``jobs`` is not an iterable of jobs. Nothing was stored.
+            PoolTimeoutError: no pooled connection was free within
+                ``connection_timeout`` (PostgreSQL). Nothing was stored.
+            DatabaseError: PostgreSQL failed. Nothing was stored.
+            NoTransactionError: ``connection`` was given to the in-memory
+                backend.
+            NeoqError: the backend is shut down.
+        """
+        self._check_open()
+        batch = check_batch(jobs)
+        if not batch:
+            await anyio.lowlevel.checkpoint()
+            return []
+        observer = self._observer
+        if observer is None:
+            return await self._enqueue_many(batch, connection)
+        # Each job gets its own enqueue hooks, as from enqueue (one span and
+        # one count each), every pair in a copy of this task's context: the
+        # hooks may make a context current (tracing makes the job's span
+        # current), and doing that here would nest each job's span in the
+        # previous one's. Each job's span is a child of the caller's.
+        contexts = [contextvars.copy_context() for _ in batch]
+        started = [
+            context.run(observer.enqueue_started, job)
+            for context, job in zip(contexts, batch, strict=True)
+        ]
+        batch = [job for job, _ in started]
+        try:
+            ids = await self._enqueue_many(batch, connection)
+        except BaseException as exc:
+            for context, (job, state) in zip(contexts, started, strict=True):
+                context.run(observer.enqueue_finished, state, job, None, exc)
+            raise
+        for context, (job, state), job_id in zip(contexts, started, ids, strict=True):
+            context.run(observer.enqueue_finished, state, job, job_id, None)
+        return ids
 
     @abstractmethod
     async def start(self, handler: Handler) -> None:
@@ -494,6 +565,13 @@ class Backend(ABC):
     async def _enqueue(self, job: Job, connection: psycopg.AsyncConnection[Any] | None) -> str:
         """``enqueue``, unobserved: validate and store the job."""
 
+    @abstractmethod
+    async def _enqueue_many(
+        self, jobs: Sequence[Job], connection: psycopg.AsyncConnection[Any] | None
+    ) -> list[str | None]:
+        """``enqueue_many``, unobserved: store checked jobs (at least one) as
+        one batch; their ids in order, ``None`` for each duplicate."""
+
     async def _prepare(self) -> None:  # noqa: B027 - optional hook
         """Set up what the backend needs before any task runs (a database)."""
 
@@ -573,7 +651,13 @@ class Backend(ABC):
             raise ConfigurationError(f"queue {queue!r} already has a handler")
         limit = self._options.transaction_timeout
         timeout = handler.timeout_seconds
-        if limit > 0 and (timeout is None or timeout > limit):
+        # A lease-mode job holds no transaction unless it asks for one, so its
+        # timeout is its own business.
+        if (
+            handler.execution == "transaction"
+            and limit > 0
+            and (timeout is None or timeout > limit)
+        ):
             shown = "no job_timeout" if timeout is None else f"job_timeout={timeout:g} s"
             raise ConfigurationError(
                 f"handler for queue {queue!r} has {shown}, above "

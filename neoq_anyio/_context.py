@@ -52,6 +52,13 @@ def current_transaction() -> psycopg.AsyncConnection[object]:
     settings, LISTENs, temporary tables, advisory locks) lasts until the job
     ends: the connection is then reset before anything else uses it.
 
+    In lease mode (``Handler(..., execution="lease")``) the job holds no
+    connection until it asks: what this returns stands in for the connection,
+    and its first query (``execute``, ``cursor()``, ``transaction()``,
+    ``pipeline()``) borrows a pooled one, begins the transaction and locks
+    the job's row under its lease; other attributes work once it is open.
+    That first query raises ``LeaseLostError`` if the lease was lost.
+
     Raises:
         NoTransactionError: called outside a job, or on a backend without
             transactions (the in-memory backend).

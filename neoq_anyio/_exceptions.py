@@ -73,6 +73,19 @@ class JobTimeoutError(NeoqError, TimeoutError):
     """A handler ran past its ``job_timeout`` and was cancelled."""
 
 
+class LeaseLostError(NeoqError):
+    """A lease-mode job's lease was lost (it expired, and another worker may
+    have claimed the job): nothing this run writes is recorded. Raised by the
+    first use of ``current_transaction()`` after the loss; the handler itself
+    is cancelled."""
+
+
+class JobLostError(NeoqError):
+    """What a lease-mode job's record says when the worker running it was lost
+    (killed, hung or cut off) and its lease expired: the attempt counts as a
+    failed run."""
+
+
 class DatabaseError(NeoqError):
     """PostgreSQL or the connection to it failed.
 

@@ -12,8 +12,11 @@ future jobs, retries and cron ticks therefore come due without real waiting.
 Differences from PostgreSQL (documented for users): nothing survives the
 process; ``current_transaction()`` and ``connection()`` raise
 ``NoTransactionError``; ``max_queue_capacity`` makes ``enqueue`` wait while the
-queue holds that many unprocessed jobs (as Go neoq's memory backend does);
-connection options are accepted and ignored.
+queue holds that many unprocessed jobs (as Go neoq's memory backend does),
+and ``enqueue_many`` adds such a queue's jobs one at a time as room frees;
+connection options are accepted and ignored. Lease mode runs with
+PostgreSQL's observable rules (see ``_work``), without heartbeats: in one
+process a lease cannot be lost.
 """
 
 from __future__ import annotations
@@ -31,23 +34,23 @@ import anyio
 import anyio.lowlevel
 
 from ._backend import Backend, BackendStatistics
+from ._batch import encode_batch
 from ._cron import WallClock
 from ._exceptions import DuplicateJobError, NoJobError, NoTransactionError
 from ._execution import WorkerTimer, report, run_handler
 from ._fingerprint import encode_payload
 from ._models import Job, QueueStats
-from ._outcome import as_run, decide, refuse_to_run
+from ._outcome import Outcome, as_run, decide, refuse_to_run
 from ._sync import wait_in_line
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Sequence
     from contextlib import AbstractAsyncContextManager
 
     import psycopg
 
     from ._backend import Options
     from ._models import Handler, JobStatus, RecoverCallback
-    from ._outcome import Outcome
 
 __all__ = ["MemoryBackend", "MemoryClock"]
 
@@ -154,6 +157,10 @@ class MemoryBackend(Backend):
         self._stopping = False
         self._progress: anyio.Event | None = None  # made on demand by _wait_drained
         self._running_ids: set[str] = set()  # jobs whose handler runs now
+        # Lease-mode jobs running now, and their workers' timer scopes, which
+        # cancel_job cancels; _cancelling holds the ids it cancelled.
+        self._leases: dict[str, anyio.CancelScope] = {}
+        self._cancelling: set[str] = set()
         # Jobs retry_job made due at another time than their heap entry says:
         # only their entries are checked for staleness (see _stale).
         self._rescheduled: set[str] = set()
@@ -165,14 +172,36 @@ class MemoryBackend(Backend):
             raise NoTransactionError("the in-memory backend has no database connections")
         text, fingerprint = encode_payload(job.queue, job.payload)
         fingerprint = job.fingerprint or fingerprint
+        job_id = await self._add(job, text, fingerprint)
+        if job_id is None:
+            raise DuplicateJobError(
+                f"an unprocessed job with fingerprint {fingerprint} "
+                f"is already on queue {job.queue!r}"
+            )
+        return job_id
+
+    async def _enqueue_many(
+        self, jobs: Sequence[Job], connection: psycopg.AsyncConnection[Any] | None
+    ) -> list[str | None]:
+        if connection is not None:
+            raise NoTransactionError("the in-memory backend has no database connections")
+        encoded = encode_batch(jobs)  # every payload, before anything is stored
+        # One by one, in order: a job repeating an earlier one of the batch
+        # finds it stored, as on PostgreSQL.
+        return [
+            await self._add(job, text, fingerprint)
+            for job, (text, fingerprint) in zip(jobs, encoded, strict=True)
+        ]
+
+    async def _add(self, job: Job, text: str | None, fingerprint: str) -> str | None:
+        """Store a checked job with its encoded payload; ``None`` if an
+        unprocessed job with the same queue and fingerprint is new already.
+        Waits while the queue is at its ``max_queue_capacity``."""
         queue = self._queue(job.queue)
         key = (job.queue, fingerprint, "new")
         while True:
             if key in self._unique:
-                raise DuplicateJobError(
-                    f"an unprocessed job with fingerprint {fingerprint} "
-                    f"is already on queue {job.queue!r}"
-                )
+                return None
             if queue.capacity is None or queue.unprocessed < queue.capacity:
                 break
             await wait_in_line(queue.space)
@@ -268,8 +297,18 @@ class MemoryBackend(Backend):
     async def _cancel_job(self, job_id: str) -> bool:
         await anyio.lowlevel.checkpoint()
         job = self._jobs.get(job_id)
-        if job is None or job.status == "processed" or job_id in self._running_ids:
+        if job is None or job.status == "processed":
             return False
+        if job_id in self._running_ids:
+            # A lease-mode job is cancelled now (PostgreSQL: at its next
+            # heartbeat); its worker moves it to the dead jobs. A
+            # transaction-mode job cannot be cancelled.
+            scope = self._leases.get(job_id)
+            if scope is None:
+                return False
+            self._cancelling.add(job_id)
+            scope.cancel(reason="cancel_job")
+            return True
         self._unique.pop((job.queue, job.fingerprint or "", job.status), None)
         del self._jobs[job_id]
         self._rescheduled.discard(job_id)
@@ -305,6 +344,8 @@ class MemoryBackend(Backend):
             due = job.run_after is None or job.run_after <= now
             if job.status == "processed":
                 count["processed"] += 1
+            elif job.status == "running":  # leased (lease mode)
+                count["running"] += 1
             elif due:
                 count["due"] += 1
                 assert job.run_after is not None
@@ -348,11 +389,21 @@ class MemoryBackend(Backend):
         Job timeouts use a ``WorkerTimer`` (one cancel scope per worker, not
         per job). When it fires, the job it cut short fails with
         ``JobTimeoutError`` and the worker goes on with a new scope.
+
+        Lease mode keeps PostgreSQL's observable rules: while its handler
+        runs, the stored job reads ``running`` with the ``retries`` of the
+        run (attempts count at the claim), and a job cancelled at shutdown is
+        released as it was before the claim. In one process a lease cannot
+        be lost (no other worker can claim the job, and the worker cannot die
+        without the process), so there are no heartbeats and no expiry;
+        ``cancel_job`` cancels the handler at once through the timer's scope.
         """
         self._workers += 1
         self._workers_done = anyio.Event() if self._workers == 1 else self._workers_done
         heap, clock = queue.heap, self.clock
         rescheduled, running_ids = self._rescheduled, self._running_ids
+        jobs, leases = self._jobs, self._leases
+        lease = handler.execution == "lease"
         timer = WorkerTimer(handler.timeout_seconds)
         running: Job | None = None  # the stored job whose handler runs now
         observer = self._observer
@@ -361,14 +412,14 @@ class MemoryBackend(Backend):
         streak = 0
         try:
             while not self._stopping:
-                with timer.scope():
+                with timer.scope() as scope:
                     while not self._stopping:
                         if not (heap and heap[0][0] <= clock.monotonic()):
                             timer.pause()  # idle: nothing to time out
                             await self._idle_wait(queue)
                             continue
                         due, _, job_id = heapq.heappop(heap)
-                        job = self._jobs.get(job_id)
+                        job = jobs.get(job_id)
                         if (
                             job is None
                             or job.status == "processed"
@@ -384,8 +435,11 @@ class MemoryBackend(Backend):
                             continue
                         seen = as_run(job)
                         timer.start()
-                        running = job
+                        running = job  # as before the claim: a release restores it
                         running_ids.add(job_id)
+                        if lease:
+                            jobs[job_id] = seen._evolve(status="running")
+                            leases[job_id] = scope
                         if observer is not None:
                             observed = observer.job_started(seen)
                         exc = await run_handler(handler, seen)
@@ -396,6 +450,8 @@ class MemoryBackend(Backend):
                             break
                         running_ids.discard(job_id)
                         running = None
+                        if lease:
+                            del leases[job_id]
                         outcome = decide(seen, exc)
                         self._store_outcome(queue, job, outcome)
                         # A success is reported only to whoever listens: the
@@ -416,17 +472,33 @@ class MemoryBackend(Backend):
                         if streak == _STREAK:
                             streak = 0
                             await anyio.lowlevel.checkpoint()
-                if running is not None:  # the timer cut the running job short
+                if running is not None:  # the timer (or cancel_job) cut the running job short
                     job, running = running, None
-                    running_ids.discard(job.id or "")
+                    assert job.id is not None
+                    running_ids.discard(job.id)
                     seen = as_run(job)
                     state, observed = observed, None
-                    outcome = decide(seen, timer.error())
-                    await self._conclude(queue, job, seen, outcome, recover, state)
+                    if lease:
+                        del leases[job.id]
+                    if job.id in self._cancelling:  # lease mode only
+                        self._cancelling.discard(job.id)
+                        self._conclude_cancelled(queue, job, seen, state)
+                    else:
+                        outcome = decide(seen, timer.error())
+                        await self._conclude(queue, job, seen, outcome, recover, state)
         except BaseException:
             if running is not None:  # cancelled at shutdown: the job stays queued as it was
-                running_ids.discard(running.id or "")
-                queue.push(clock.monotonic(), running)
+                released = running.id
+                assert released is not None
+                running_ids.discard(released)
+                if lease:  # released: due again at once, as before the claim
+                    leases.pop(released, None)
+                    self._cancelling.discard(released)
+                    jobs[released] = running
+                assert running.run_after is not None
+                # Its own due time (passed), not now: a retried job's entry
+                # must match its run_after, or _stale drops it.
+                queue.push(clock.to_monotonic(running.run_after), running)
                 if observer is not None and observed is not None:
                     observer.job_abandoned(as_run(running), observed)
             raise
@@ -455,6 +527,17 @@ class MemoryBackend(Backend):
         self._store_outcome(queue, job, outcome)
         if outcome.kind != "processed" or self._observer is not None:
             await report(outcome, seen, recover, self._log, observer=self._observer, state=state)
+
+    def _conclude_cancelled(self, queue: _Queue, job: Job, seen: Job, state: Any) -> None:
+        """Move a lease-mode job that ``cancel_job`` cut short to the dead jobs,
+        with the error ``cancelled``; its run counted. Not a failure of the
+        handler: logged at INFO, and no recover callback."""
+        outcome = Outcome("dead", seen.retries, "cancelled")
+        self._store_outcome(queue, job, outcome)
+        extra = {"job_id": job.id, "queue": job.queue}
+        self._log.info("job %s on queue %s cancelled while running", job.id, job.queue, extra=extra)
+        if self._observer is not None:
+            self._observer.job_finished(seen, outcome, state)
 
     def _store_outcome(self, queue: _Queue, job: Job, outcome: Outcome) -> None:
         assert job.id is not None

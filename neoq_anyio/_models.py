@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CONCURRENCY",
     "DEFAULT_JOB_TIMEOUT",
+    "DEFAULT_LEASE_DURATION",
     "MAX_QUEUE_NAME_BYTES",
     "Handler",
     "Job",
@@ -31,12 +32,16 @@ __all__ = [
 ]
 
 JobStatus: TypeAlias = Literal["new", "running", "failed", "processed", "dead"]
+Execution: TypeAlias = Literal["transaction", "lease"]
 
 DEFAULT_CONCURRENCY = 50
 """Jobs a handler runs at once in one process when not told otherwise (Go neoq's value)."""
 
 DEFAULT_JOB_TIMEOUT = 30.0
 """Seconds a handler may run before it is cancelled (Go neoq's value)."""
+
+DEFAULT_LEASE_DURATION = 30.0
+"""Seconds a lease-mode claim lasts without a heartbeat."""
 
 MAX_QUEUE_NAME_BYTES = 63
 """The longest queue name, in UTF-8 bytes: PostgreSQL's limit on channel names
@@ -295,6 +300,14 @@ class Handler:
         recover_callback: ``callback(job, exc)``, sync or async, called for
             every exception the handler raises; replaces the backend's
             ``recovery_callback``.
+        execution: ``"transaction"`` (default, Go neoq's model: each running
+            job holds a pooled connection and its open transaction) or
+            ``"lease"`` (jobs are claimed in batches under a lease and run
+            holding no connection; see the docs' "Execution modes").
+        lease_duration: lease mode: seconds (or ``timedelta``) a claim lasts
+            without a heartbeat (default 30 s). Heartbeats extend it while
+            the handler runs; a worker that dies loses its jobs' leases
+            within this time, and they run again.
 
     Raises:
         ConfigurationError: a blank or too long queue name, a non-positive
@@ -308,6 +321,8 @@ class Handler:
     job_timeout: float | timedelta | None = DEFAULT_JOB_TIMEOUT
     max_queue_capacity: int | None = None
     recover_callback: RecoverCallback | None = None
+    execution: Execution = "transaction"
+    lease_duration: float | timedelta = DEFAULT_LEASE_DURATION
 
     def __post_init__(self) -> None:
         if self.queue != "":  # "" is start_cron's "derive it"; start() refuses it
@@ -327,6 +342,20 @@ class Handler:
             raise ConfigurationError(f"max_queue_capacity must be a positive int, got {cap!r}")
         if self.recover_callback is not None and not callable(self.recover_callback):
             raise ConfigurationError("recover_callback must be callable")
+        if self.execution not in ("transaction", "lease"):
+            raise ConfigurationError(
+                f"execution must be 'transaction' or 'lease', got {self.execution!r}"
+            )
+        _ = self.lease_seconds  # validates lease_duration
+
+    @property
+    def lease_seconds(self) -> float:
+        """``lease_duration`` in seconds.
+
+        Raises:
+            ConfigurationError: ``lease_duration`` is not a positive duration.
+        """
+        return to_seconds(self.lease_duration, name="lease_duration", allow_zero=False)
 
     @property
     def timeout_seconds(self) -> float | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final, Literal, TypeAlias
 
 import anyio
 
@@ -19,6 +19,7 @@ from ._exceptions import ConfigurationError, ConnectionStringError
 from ._memory import MemoryBackend
 from ._observe import Observer, combine
 from ._postgres._backend import PostgresBackend
+from ._postgres._sessions import POOLERS
 from ._postgres._sql import idle_timeout_ms
 
 if TYPE_CHECKING:
@@ -31,7 +32,19 @@ if TYPE_CHECKING:
     from ._backend import Backend
     from ._models import RecoverCallback
 
-__all__ = ["DEFAULT_CONNECTION_TIMEOUT", "lone_exception", "open_backend"]
+__all__ = [
+    "DEFAULT_CONNECTION_TIMEOUT",
+    "POOLER_VALUES",
+    "Pooler",
+    "lone_exception",
+    "open_backend",
+]
+
+Pooler: TypeAlias = Literal["session", "transaction", "transaction_prepared"]
+"""What ``open_backend(pooler=...)`` takes (``None`` too: no pooler)."""
+
+POOLER_VALUES: Final = (None, "session", *POOLERS)
+"""Every value ``open_backend`` accepts for ``pooler``."""
 
 DEFAULT_KEEP_PROCESSED = 86_400.0  # one day
 DEFAULT_KEEP_DEAD = 30 * 86_400.0  # thirty days
@@ -62,6 +75,20 @@ def _observer(metrics: object, tracing: object) -> Observer | None:
     return combine(observers)
 
 
+def _checked_pooler(pooler: object) -> str | None:
+    """``pooler`` as the backend reads it: ``None`` for a session of our own.
+
+    Raises:
+        ConfigurationError: it is none of ``POOLER_VALUES``.
+    """
+    if pooler is None or pooler == "session":
+        return None
+    if pooler in POOLERS:
+        return str(pooler)
+    allowed = ", ".join(repr(value) for value in POOLER_VALUES)
+    raise ConfigurationError(f"pooler must be one of {allowed}, got {pooler!r}")
+
+
 def lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The single exception inside nested one-member groups, if that is all there is."""
     exc: BaseException = group
@@ -89,6 +116,8 @@ async def open_backend(
     keep_dead: float | timedelta | None = DEFAULT_KEEP_DEAD,
     metrics: bool | CollectorRegistry = False,
     tracing: bool | TracerProvider = False,
+    pooler: Pooler | None = None,
+    listen_connection_string: str | None = None,
 ) -> AsyncIterator[Backend]:
     """Open a backend for the block; leaving the block shuts it down.
 
@@ -135,6 +164,25 @@ async def open_backend(
             ``TracerProvider`` from that one. A span per enqueue and per job
             run; the job carries the enqueuer's trace context, so its span
             continues that trace.
+        pooler: what stands between the backend and PostgreSQL. ``None``
+            (the default) or ``"session"``: a direct connection, or a pooler
+            that gives each client a server session of its own (PgBouncer's
+            session pooling). ``"transaction"``: a transaction pooler
+            (PgBouncer's ``pool_mode = transaction``, most managed poolers),
+            which may run each transaction in another server session; then
+            nothing relies on session state (settings travel with each
+            transaction, due jobs are announced by the statements that
+            enqueue them) and psycopg prepares no statement on the server.
+            ``"transaction_prepared"``: the same, for a pooler that keeps
+            prepared statements per client (PgBouncer 1.22 or later with
+            ``max_prepared_statements`` above 0): statements are prepared as
+            on a direct connection. See docs/poolers.md.
+        listen_connection_string: where LISTEN goes: a connection string
+            straight to PostgreSQL (or through session pooling), used for
+            one connection and nothing else. Behind a transaction pooler,
+            which cannot carry LISTEN, leaving it out makes workers poll for
+            due jobs every ``job_check_interval`` instead of being woken;
+            otherwise it defaults to ``connection_string``.
 
     Durations are seconds (``float``) or ``datetime.timedelta``. The
     in-memory backend accepts the same options and ignores those about
@@ -151,11 +199,12 @@ async def open_backend(
     several come out as an ``ExceptionGroup``.
 
     Raises:
-        ConnectionStringError: the connection string is ``None``, empty,
-            malformed or of an unknown scheme.
-        ConfigurationError: an option is out of range, or metrics or
-            tracing were asked for without their extra installed (the
-            message says what to install).
+        ConnectionStringError: the connection string (or
+            ``listen_connection_string``) is ``None``, empty, malformed or of
+            an unknown scheme.
+        ConfigurationError: an option is out of range, ``pooler`` is none of
+            the values above, or metrics or tracing were asked for without
+            their extra installed (the message says what to install).
         DatabaseError: the database cannot be reached or set up.
     """
     if connection_string is None:
@@ -166,6 +215,11 @@ async def open_backend(
     if not isinstance(connection_string, str):
         raise ConnectionStringError(
             f"the connection string must be a str, got {type(connection_string).__name__}"
+        )
+    transaction_pooler = _checked_pooler(pooler)
+    if listen_connection_string is not None and not isinstance(listen_connection_string, str):
+        raise ConnectionStringError(
+            f"listen_connection_string must be a str, got {type(listen_connection_string).__name__}"
         )
     transaction_seconds = to_seconds(transaction_timeout, name="transaction_timeout")
     # Refused on both backends alike, though only PostgreSQL sessions use it.
@@ -197,6 +251,8 @@ async def open_backend(
         else to_seconds(keep_processed, name="keep_processed"),
         keep_dead=None if keep_dead is None else to_seconds(keep_dead, name="keep_dead"),
         observer=_observer(metrics, tracing),
+        pooler=transaction_pooler,
+        listen_connection_string=listen_connection_string,
     )
     backend: Backend
     if connection_string.strip() == _MEMORY:

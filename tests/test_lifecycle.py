@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
@@ -24,6 +24,9 @@ from neoq_anyio import (
 
 from .conftest import Database, Server, wait_until, with_params
 from .test_processing import Recorder, backend
+
+if TYPE_CHECKING:
+    from neoq_anyio._models import Execution
 
 
 async def test_schema_is_created_with_go_neoqs_bookkeeping(dsn: str, db: Database) -> None:
@@ -67,7 +70,10 @@ async def test_concurrent_startups_migrate_once(dsn: str, db: Database) -> None:
     assert await db.value("SELECT count(*) FROM neoq_schema_migrations") == 1
 
 
-async def test_opens_on_a_schema_go_neoq_created(dsn: str, db: Database, schema_name: str) -> None:
+@pytest.mark.parametrize("execution", ["transaction", "lease"])
+async def test_opens_on_a_schema_go_neoq_created(
+    dsn: str, db: Database, schema_name: str, execution: Execution
+) -> None:
     # The schema as Go neoq's migrations leave it (before neoq_anyio's additions).
     await db.execute(
         sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema_name)).as_string(None)
@@ -104,9 +110,10 @@ async def test_opens_on_a_schema_go_neoq_created(dsn: str, db: Database, schema_
     )
     rec = Recorder()
     async with backend(dsn) as nq:
-        await nq.start(Handler("go", rec))
+        await nq.start(Handler("go", rec, execution=execution))
         await rec.wait()
     assert rec.jobs[0].payload == {"n": 1}
+    await db.wait_for("SELECT status FROM neoq_jobs WHERE queue = 'go'", lambda s: s == "processed")
     assert await db.fetch("SELECT version, dirty FROM neoq_schema_migrations") == [
         (20240302172413, False)
     ]
@@ -422,3 +429,32 @@ async def test_no_job_lost_across_a_server_restart(server: Server, dsn: str) -> 
         await run_through_outage(dsn, holder, outage)
     finally:
         await holder.conn.close()
+
+
+async def test_go_neoqs_older_fingerprint_index_is_replaced(
+    dsn: str, db: Database, schema_name: str
+) -> None:
+    # Go neoq before 20240302172413: one unprocessed job per (fingerprint, status).
+    await db.execute(
+        sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema_name)).as_string(None)
+    )
+    await db.execute(
+        """
+        CREATE TYPE job_status AS ENUM ('new', 'processed', 'failed');
+        CREATE TABLE neoq_jobs (id SERIAL NOT NULL, fingerprint text NOT NULL,
+            queue text NOT NULL, status job_status NOT NULL default 'new', payload jsonb,
+            retries integer default 0, max_retries integer default 23,
+            run_after timestamp with time zone DEFAULT now(),
+            ran_at timestamp with time zone,
+            created_at timestamp with time zone DEFAULT now(), error text);
+        CREATE UNIQUE INDEX neoq_jobs_fingerprint_unique_idx ON neoq_jobs
+            (fingerprint, status) WHERE NOT (status = 'processed');
+        """
+    )
+    async with backend(dsn) as nq:
+        # The same payload on two queues: the older index refused the second.
+        await nq.enqueue(Job("a", {"n": 1}, fingerprint="same"))
+        await nq.enqueue(Job("b", {"n": 1}, fingerprint="same"))
+    assert "(queue, fingerprint, status)" in await db.value(
+        "SELECT pg_get_indexdef(to_regclass('neoq_jobs_fingerprint_unique_idx'))"
+    )

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
@@ -25,12 +26,18 @@ from neoq_anyio.testing import drain
 from .conftest import wait_until
 from .test_processing import FAST
 
+if TYPE_CHECKING:
+    from neoq_anyio._models import Execution
+
 
 def _value(registry: CollectorRegistry, name: str, **labels: str) -> float | None:
     return registry.get_sample_value(name, labels)
 
 
-async def test_counters_and_histograms_follow_the_jobs(connection_string: str) -> None:
+@pytest.mark.parametrize("execution", ["transaction", "lease"])
+async def test_counters_and_histograms_follow_the_jobs(
+    connection_string: str, execution: Execution
+) -> None:
     registry = CollectorRegistry()
 
     async def handle(job: Job) -> None:
@@ -43,7 +50,7 @@ async def test_counters_and_histograms_follow_the_jobs(connection_string: str) -
             await nq.enqueue(Job("m", {"fail": False, "n": 1}))
             await nq.enqueue(Job("m", {"fail": False, "n": 2}))
             await nq.enqueue(Job("m", {"fail": True}, max_retries=0))
-            await nq.start(Handler("m", handle))
+            await nq.start(Handler("m", handle, execution=execution))
             await drain(nq)
             assert _value(registry, "neoq_jobs_enqueued_total", queue="m") == 3
             assert _value(registry, "neoq_jobs_processed_total", queue="m") == 2

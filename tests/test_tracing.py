@@ -39,8 +39,12 @@ def _named(spans: tuple[ReadableSpan, ...], name: str) -> list[ReadableSpan]:
     return [s for s in spans if s.name == name]
 
 
+@pytest.mark.parametrize("execution", ["transaction", "lease"])
 async def test_job_span_continues_the_enqueuers_trace(
-    connection_string: str, provider: TracerProvider, exporter: InMemorySpanExporter
+    connection_string: str,
+    provider: TracerProvider,
+    exporter: InMemorySpanExporter,
+    execution: Any,
 ) -> None:
     tracer = provider.get_tracer("test")
     inside: list[Any] = []
@@ -54,7 +58,7 @@ async def test_job_span_continues_the_enqueuers_trace(
 
     with anyio.fail_after(15):
         async with open_backend(connection_string, tracing=provider, **FAST) as nq:
-            await nq.start(Handler("traced", handle))
+            await nq.start(Handler("traced", handle, execution=execution))
             with tracer.start_as_current_span("request") as request:
                 job_id = await nq.enqueue(Job("traced", {"n": 1}))
             await done.wait()

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Failure",
+    "backend_options",
     "cli",
     "dsn_option",
     "echo_json",
@@ -30,6 +31,8 @@ __all__ = [
 ]
 
 _LOOPS = ("asyncio", "trio")
+_POOLERS = ("session", "transaction", "transaction_prepared")
+_BACKEND_OPTIONS = "neoq_anyio.backend_options"  # where the pooler options wait in ctx.meta
 
 
 class Failure(Exception):
@@ -41,12 +44,47 @@ def usage(message: str) -> NoReturn:
 
 
 def dsn_option(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``--dsn``, and what stands between it and PostgreSQL: ``--pooler`` and
+    ``--listen-dsn`` (read back with ``backend_options()``)."""
+    function = click.option(
+        "--listen-dsn",
+        envvar="NEOQ_LISTEN_DSN",
+        metavar="DSN",
+        expose_value=False,
+        callback=_keep_backend_option("listen_connection_string"),
+        help="A direct connection string for LISTEN, when --dsn leads through a "
+        "transaction pooler; default: $NEOQ_LISTEN_DSN, else workers poll.",
+    )(function)
+    function = click.option(
+        "--pooler",
+        envvar="NEOQ_POOLER",
+        type=click.Choice(_POOLERS),
+        expose_value=False,
+        callback=_keep_backend_option("pooler"),
+        help="The pooler --dsn leads through (transaction: PgBouncer's pool_mode, "
+        "see docs/poolers.md); default: $NEOQ_POOLER, else none or session pooling.",
+    )(function)
     return click.option(
         "--dsn",
         envvar="NEOQ_DSN",
         metavar="DSN",
         help="PostgreSQL connection string (URL or key=value); default: $NEOQ_DSN.",
     )(function)
+
+
+def _keep_backend_option(name: str) -> Callable[[click.Context, click.Parameter, Any], None]:
+    def keep(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        if value is not None:
+            ctx.meta.setdefault(_BACKEND_OPTIONS, {})[name] = value
+
+    return keep
+
+
+def backend_options() -> dict[str, Any]:
+    """``open_backend``'s ``pooler`` and ``listen_connection_string``, as the
+    running command's ``--pooler`` and ``--listen-dsn`` gave them (or their
+    environment variables). Call it in the command, before ``run``."""
+    return dict(click.get_current_context().meta.get(_BACKEND_OPTIONS, {}))
 
 
 def loop_option(function: Callable[..., Any]) -> Callable[..., Any]:

@@ -10,7 +10,16 @@ from datetime import UTC, datetime, timedelta
 
 import click
 
-from ._base import cli, dsn_option, json_option, loop_option, require_dsn, run, usage
+from ._base import (
+    backend_options,
+    cli,
+    dsn_option,
+    json_option,
+    loop_option,
+    require_dsn,
+    run,
+    usage,
+)
 
 
 @cli.command()
@@ -81,9 +90,14 @@ def worker(
         if importlib.util.find_spec("prometheus_client") is None:
             usage("--metrics-port needs prometheus_client: pip install 'neoq_anyio[prometheus]'")
         address = (metrics_host, metrics_port)
+    options = backend_options()
     status = run(
         lambda: run_worker(
-            function, dsn, shutdown_timeout=shutdown_timeout, metrics_address=address
+            function,
+            dsn,
+            shutdown_timeout=shutdown_timeout,
+            metrics_address=address,
+            backend_options=options,
         ),
         loop,
     )
@@ -101,10 +115,12 @@ def migrate(dsn: str | None) -> None:
     from neoq_anyio._log import BackendLog
     from neoq_anyio._pg._dsn import parse_connection_string
     from neoq_anyio._postgres._schema import prepare_database
+    from neoq_anyio._postgres._sessions import POOLERS
 
     settings = parse_connection_string(require_dsn(dsn))
     log = BackendLog(logging.getLogger("neoq_anyio"), settings.redact)
-    run(lambda: prepare_database(settings, log))
+    pooled = backend_options().get("pooler") in POOLERS
+    run(lambda: prepare_database(settings, log, pooled=pooled))
     click.echo("schema is up to date")
 
 
@@ -132,6 +148,7 @@ def enqueue(
     from neoq_anyio._open import open_backend
 
     dsn = require_dsn(dsn)
+    options = backend_options()
     try:
         data = json.loads(payload)
     except json.JSONDecodeError as exc:
@@ -140,7 +157,7 @@ def enqueue(
     job = Job(queue, data, fingerprint=fingerprint, run_after=run_after, max_retries=max_retries)
 
     async def go() -> str:
-        async with open_backend(dsn, keep_processed=None, keep_dead=None) as nq:
+        async with open_backend(dsn, keep_processed=None, keep_dead=None, **options) as nq:
             return await nq.enqueue(job)
 
     job_id = run(go)

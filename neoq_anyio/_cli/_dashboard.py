@@ -22,11 +22,20 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import click
 
-from ._base import Failure, cli, dsn_option, loop_option, require_dsn, run, usage
+from ._base import (
+    Failure,
+    backend_options,
+    cli,
+    dsn_option,
+    loop_option,
+    require_dsn,
+    run,
+    usage,
+)
 from ._signals import watch_signals
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Mapping
 
     from hypercorn.config import Config
 
@@ -107,9 +116,11 @@ def dashboard(
             host,
             "" if read_only else " and retry, cancel or delete them",
         )
+    options = backend_options()
     status = run(
         lambda: serve_dashboard(
             dsn,
+            backend_options=options,
             host=host,
             port=port,
             loop=loop,
@@ -158,8 +169,12 @@ async def serve_dashboard(
     read_only: bool,
     token: str | None,
     allowed_hosts: list[str] | None,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> int:
-    """Open the backend and serve the dashboard until a signal; the exit status."""
+    """Open the backend and serve the dashboard until a signal; the exit status.
+
+    ``backend_options``: more ``open_backend`` options (``pooler``,
+    ``listen_connection_string``)."""
     from hypercorn.config import Config
 
     from neoq_anyio._open import open_backend
@@ -193,7 +208,7 @@ async def serve_dashboard(
             # With prometheus_client, /metrics shows the database's queue
             # counts and this process's pool, as a worker's would.
             metrics = importlib.util.find_spec("prometheus_client") is not None
-            async with open_backend(dsn, metrics=metrics) as nq:
+            async with open_backend(dsn, metrics=metrics, **(backend_options or {})) as nq:
                 # Starlette's ASGI types and Hypercorn's differ in name only.
                 app: Any = create_app(
                     nq, read_only=read_only, token=token, allowed_hosts=allowed_hosts

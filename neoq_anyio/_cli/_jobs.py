@@ -12,6 +12,7 @@ from neoq_anyio._open import DEFAULT_KEEP_DEAD, DEFAULT_KEEP_PROCESSED, open_bac
 
 from ._base import (
     Failure,
+    backend_options,
     cli,
     dsn_option,
     echo_json,
@@ -33,10 +34,11 @@ _STATUSES = ("new", "running", "failed", "processed", "dead")
 
 def _with_backend(dsn: str | None, action: Callable[[Backend], Awaitable[Any]]) -> Any:
     checked = require_dsn(dsn)
+    options = backend_options()
 
     async def go() -> Any:
         # No background pruning in a short-lived command (prune runs its own pass).
-        async with open_backend(checked, keep_processed=None, keep_dead=None) as nq:
+        async with open_backend(checked, keep_processed=None, keep_dead=None, **options) as nq:
             return await action(nq)
 
     return run(go)

@@ -24,7 +24,7 @@ from neoq_anyio._open import open_backend
 from ._signals import watch_signals
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Mapping
 
     from neoq_anyio._backend import Backend
 
@@ -76,11 +76,14 @@ async def run_worker(
     *,
     shutdown_timeout: float,
     metrics_address: tuple[str, int] | None = None,
+    backend_options: Mapping[str, Any] | None = None,
 ) -> int:
     """Open the backend, await ``target(nq)``, serve until a signal; the exit status.
 
     ``metrics_address``: serve Prometheus metrics at ``http://HOST:PORT/metrics``
     from the worker's task group, so the endpoint stops with the worker.
+    ``backend_options``: more ``open_backend`` options (``pooler``,
+    ``listen_connection_string``).
     """
     stop = anyio.Event()
     forced = False
@@ -112,7 +115,9 @@ async def run_worker(
         with anyio.CancelScope() as startup:
             await tg.start(watch_signals, first, again)
             metrics = metrics_address is not None
-            async with open_backend(dsn, shutdown_timeout=shutdown_timeout, metrics=metrics) as nq:
+            async with open_backend(
+                dsn, shutdown_timeout=shutdown_timeout, metrics=metrics, **(backend_options or {})
+            ) as nq:
                 await target(nq)
                 if metrics_address is not None:
                     from neoq_anyio._metrics import load_prometheus, serve_metrics

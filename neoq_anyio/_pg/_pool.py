@@ -32,7 +32,14 @@ Design:
 * A connection handed to user code (``lend``) is reset as it comes back: its
   session with ``RESET_SESSION`` and the session setup in one round trip, and
   psycopg's client-side state by moving the session into a new connection
-  object. Connections only the library used skip that round trip.
+  object. Connections only the library used skip that round trip. Behind a
+  transaction pooler the client connection has no server session of its own
+  to reset: ``session_reset`` is then empty (no round trip) or, where the
+  pooler keeps prepared statements per client, ``DEALLOCATE ALL``.
+* ``prepared_statements=False`` turns psycopg's automatic server-side
+  prepared statements off on every connection the pool hands out, the fresh
+  objects of a reset included: behind a transaction pooler, a statement
+  prepared in one transaction's server session is unknown to the next one's.
 """
 
 from __future__ import annotations
@@ -192,7 +199,11 @@ class ConnectionPool:
             secrets from messages that reach errors.
         session_setup: the statements ``connect`` ran to configure a new
             session; a connection lent to user code runs them again after
-            ``RESET_SESSION``.
+            ``session_reset``.
+        session_reset: what resets the session of a connection lent to
+            user code (``RESET_SESSION``); empty: no round trip.
+        prepared_statements: whether psycopg may prepare statements on the
+            server (after ``prepare_threshold`` uses, psycopg's default).
         lent: connections handed to user code, which the pool resets as they
             come back (see ``lend``). The PostgreSQL backend passes the set
             ``current_transaction()`` adds to; by default, a set of the pool's own.
@@ -206,13 +217,16 @@ class ConnectionPool:
         connection_timeout: float,
         log: BackendLog | None = None,
         session_setup: bytes = b"",
+        session_reset: bytes = RESET_SESSION,
+        prepared_statements: bool = True,
         lent: MutableSet[Any] | None = None,
     ) -> None:
         self._log = log or default_log()
         self._connect = connect
         self._options = options
         self._timeout = connection_timeout
-        self._reset_query = RESET_SESSION + (b"; " + session_setup if session_setup else b"")
+        self._reset_query = b"; ".join(q for q in (session_reset, session_setup) if q)
+        self._prepared_statements = prepared_statements
         self._lent: MutableSet[Any] = WeakSet() if lent is None else lent
         self._idle: list[AnyioConnection] = []
         self._entries: dict[int, _Entry] = {}
@@ -382,6 +396,8 @@ class ConnectionPool:
             self._opening -= 1
             self._assign()  # another connection may be opened now
         conn.log = self._log
+        if not self._prepared_statements:
+            conn.prepare_threshold = None
         lifetime = self._options.max_conn_lifetime
         if lifetime > 0:
             lifetime += random.uniform(0, self._options.max_conn_lifetime_jitter)
@@ -447,6 +463,8 @@ class ConnectionPool:
         fresh._autocommit = True
         fresh.log = conn.log
         fresh.cancel_grace = conn.cancel_grace
+        if not self._prepared_statements:
+            fresh.prepare_threshold = None
         self._entries[id(fresh)] = self._entries.pop(id(conn))
         # psycopg warns when an open connection outside a pool is collected;
         # the old object was a pool's, and its session lives on in ``fresh``.
@@ -456,7 +474,8 @@ class ConnectionPool:
             try:
                 if pgconn.transaction_status != _IDLE:
                     await fresh.rollback()
-                await fresh.execute(self._reset_query)
+                if self._reset_query:
+                    await fresh.execute(self._reset_query)
                 reset = True
             except e.Error as exc:
                 self._log.warning("could not reset a lent connection, closing it: %s", exc)

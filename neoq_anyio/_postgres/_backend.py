@@ -28,19 +28,25 @@ from neoq_anyio._pg._pool import RESERVED_CONNS, ConnectionPool
 
 from . import _sql
 from ._admin import JobAdmin
+from ._enqueue_many import BatchEnqueuer
+from ._lazy_transaction import LazyTransaction
+from ._lease_worker import LeaseWorkers
+from ._leases import LeaseStore
 from ._listener import Listener
 from ._scheduler import FutureJobs, PendingJobs
 from ._schema import prepare_database
+from ._sessions import plan_sessions
 from ._store import JobStore
 from ._worker import QueueWorkers
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable, Sequence
 
     import psycopg
 
     from neoq_anyio._backend import Options
     from neoq_anyio._models import Handler, Job, JobStatus, QueueStats
+    from neoq_anyio._pg._dsn import ConnectionSettings
 
     from ._wakeups import Wakeups
 
@@ -48,6 +54,12 @@ __all__ = ["PostgresBackend"]
 
 _IDLE = pq.TransactionStatus.IDLE
 _DRAIN_POLL = 0.01  # seconds between looks at the database while draining
+_LEASE_CONNS = 2  # connections a lease-mode queue's pool share grows by
+
+
+def _redact_both(settings: ConnectionSettings, listen: ConnectionSettings) -> Callable[[str], str]:
+    """Scrub both connection strings' passwords."""
+    return lambda text: listen.redact(settings.redact(text))
 
 
 class PostgresBackend(Backend):
@@ -60,23 +72,42 @@ class PostgresBackend(Backend):
 
     def __init__(self, connection_string: str, options: Options) -> None:
         settings = parse_connection_string(connection_string)
-        super().__init__(options, redact=settings.redact)
+        listen = options.listen_connection_string
+        listen_settings = parse_connection_string(listen) if listen is not None else None
+        super().__init__(
+            options,
+            redact=_redact_both(settings, listen_settings) if listen_settings else settings.redact,
+        )
         self._settings = settings
-        self._session_setup = _sql.session_settings(
+        sessions = plan_sessions(
+            pooler=options.pooler,
             synchronous_commit=options.synchronous_commit,
             transaction_timeout=options.transaction_timeout,
         )
+        self._pooled = sessions.pooled  # behind a transaction pooler
+        self._session_setup = sessions.setup
         self._pool = ConnectionPool(
             self._open_session,
             settings.pool,
             connection_timeout=options.connection_timeout,
             log=self._log,
-            session_setup=self._session_setup,
+            session_setup=sessions.setup,
+            session_reset=sessions.reset,
+            prepared_statements=sessions.prepared_statements,
             lent=_lent,  # what current_transaction() handed to handlers
         )
-        self._store = JobStore(self._pool, settings.conninfo, self._log)
+        # LISTEN needs a session of its own: through a transaction pooler it
+        # goes to listen_connection_string, or nowhere (then workers poll).
+        self._listen_settings = listen_settings or (None if sessions.pooled else settings)
+        self._polling = self._listen_settings is None
+        per_transaction = sessions.per_transaction
+        self._store = JobStore(
+            self._pool, settings.conninfo, self._log, per_transaction=per_transaction
+        )
+        self._leases = LeaseStore(self._pool, self._log, per_transaction=per_transaction)
         self._admin = JobAdmin(self._pool, self._log)
-        self._workers: dict[str, QueueWorkers] = {}
+        self._batches = BatchEnqueuer(self._pool, self._log)
+        self._workers: dict[str, QueueWorkers | LeaseWorkers] = {}
         # The queues' wake-ups, filled in by start(); the services read them.
         wakeups: dict[str, Wakeups] = {}
         self._wakeups = wakeups
@@ -92,40 +123,86 @@ class PostgresBackend(Backend):
             interval=options.job_check_interval,
             log=self._log,
         )
-        self._pending = PendingJobs(
-            self._store, wakeups, interval=options.pending_job_check_interval, log=self._log
-        )
+        pending_interval = options.pending_job_check_interval
+        if self._polling:  # no notifications: the poller is the wake-up
+            pending_interval = min(pending_interval, options.job_check_interval)
+        self._pending = PendingJobs(self._store, wakeups, interval=pending_interval, log=self._log)
 
     async def _enqueue(self, job: Job, connection: psycopg.AsyncConnection[Any] | None) -> str:
+        if isinstance(connection, LazyTransaction):  # a lease-mode job's: open it now
+            connection = await connection.connection()
         # The caller's session may not be in UTC, which Go neoq's trigger
         # needs to announce due jobs: then the INSERT announces them itself.
-        notify_due = (
-            connection is not None
-            and (job.run_after is None or job.run_after <= datetime.now(UTC))
-            and not _sql.is_utc(connection.info.parameter_status("TimeZone"))
-        )
+        # Behind a transaction pooler no session's zone is known.
+        if self._pooled:
+            notify_due = job.run_after is None or job.run_after <= datetime.now(UTC)
+        else:
+            notify_due = (
+                connection is not None
+                and (job.run_after is None or job.run_after <= datetime.now(UTC))
+                and not _sql.is_utc(connection.info.parameter_status("TimeZone"))
+            )
         job_id = await self._store.enqueue(job, notify_due=notify_due, connection=connection)
+        if self._polling and notify_due:
+            self._hint(job.queue)  # no notification reaches this process
         if job.run_after is not None:
             delay = (job.run_after - datetime.now(UTC)).total_seconds()
             if delay > 0:
                 self._future.add(job_id, job.queue, delay)
         return job_id
 
+    async def _enqueue_many(
+        self, jobs: Sequence[Job], connection: psycopg.AsyncConnection[Any] | None
+    ) -> list[str | None]:
+        if isinstance(connection, LazyTransaction):  # a lease-mode job's: open it now
+            connection = await connection.connection()
+        notify_due = self._pooled or (
+            connection is not None and not _sql.is_utc(connection.info.parameter_status("TimeZone"))
+        )
+        ids = await self._batches.enqueue_many(jobs, notify_due=notify_due, connection=connection)
+        now = datetime.now(UTC)
+        for job, job_id in zip(jobs, ids, strict=True):
+            if job_id is not None and job.run_after is not None:
+                delay = (job.run_after - now).total_seconds()
+                if delay > 0:
+                    self._future.add(job_id, job.queue, delay)
+                    continue
+            if self._polling and job_id is not None:
+                self._hint(job.queue)  # no notification reaches this process
+        return ids
+
     async def start(self, handler: Handler) -> None:
         self._register(handler)
         self._size_pool(handler)
-        workers = QueueWorkers(
-            handler,
-            store=self._store,
-            pool=self._pool,
-            recover=self._recover_callback(handler),
-            on_retry=self._future.add,
-            log=self._log,
-            observer=self._observer,
-        )
+        workers: QueueWorkers | LeaseWorkers
+        if handler.execution == "lease":
+            workers = LeaseWorkers(
+                handler,
+                leases=self._leases,
+                pool=self._pool,
+                watermark=self._store.watermark(handler.queue),
+                recover=self._recover_callback(handler),
+                on_retry=self._future.add,
+                broke_transaction=self._store.handler_broke_transaction,
+                check_interval=self._options.job_check_interval,
+                log=self._log,
+                observer=self._observer,
+            )
+            claimers = 1  # it runs the jobs in tasks of its own
+        else:
+            workers = QueueWorkers(
+                handler,
+                store=self._store,
+                pool=self._pool,
+                recover=self._recover_callback(handler),
+                on_retry=self._future.add,
+                log=self._log,
+                observer=self._observer,
+            )
+            claimers = handler.concurrency
         self._wakeups[handler.queue] = workers.wakeups
         self._workers[handler.queue] = workers
-        self._spawn_workers(workers.work, handler.concurrency)
+        self._spawn_workers(workers.work, claimers)
         await self._listen(handler.queue)
         self._future.rescan()
         self._pending.poke()
@@ -159,7 +236,7 @@ class PostgresBackend(Backend):
         conn = await self._pool.acquire()
         try:
             self._pool.lend(conn)  # reset on release: the caller may change anything on it
-            if not self._options.synchronous_commit:
+            if not (self._options.synchronous_commit or self._pooled):
                 with map_errors(self._log.redact, "cannot lend a connection"):
                     await conn.execute(_sql.LENT_SESSION)
             conn._autocommit = False  # psycopg's default: statements open a transaction
@@ -180,11 +257,21 @@ class PostgresBackend(Backend):
 
     def _size_pool(self, handler: Handler) -> None:
         """Make room in the pool for the handler's workers, each holding a
-        connection while it runs a job; warn if ``pool_max_conns`` leaves too little."""
+        connection while it runs a job (transaction mode); warn if
+        ``pool_max_conns`` leaves too little."""
+        if handler.execution == "lease":
+            # Claims, heartbeats and acknowledgements hold a connection for a
+            # statement each; jobs only while their transaction is open.
+            self._pool.add_workers(_LEASE_CONNS)
+            return
         self._pool.add_workers(handler.concurrency)
         if not self._settings.pool.max_conns_given:
             return  # the pool grew to fit
-        workers = handler.concurrency + sum(w.handler.concurrency for w in self._workers.values())
+        workers = handler.concurrency + sum(
+            w.handler.concurrency
+            for w in self._workers.values()
+            if w.handler.execution == "transaction"
+        )
         pool = self._pool.statistics()
         if pool.max_size >= workers + RESERVED_CONNS:
             return
@@ -203,7 +290,7 @@ class PostgresBackend(Backend):
     # -- the backend's hooks -------------------------------------------------------------
 
     async def _prepare(self) -> None:
-        await prepare_database(self._settings, self._log)
+        await prepare_database(self._settings, self._log, pooled=self._pooled)
 
     async def _start_services(self) -> None:
         # No LISTEN connection until a queue is started: a process that only
@@ -214,7 +301,11 @@ class PostgresBackend(Backend):
             await self._task_group.start(self._run_service, self._prune_periodically)
 
     async def _listen(self, queue: str) -> None:
-        """LISTEN to ``queue``, starting the listener with the first queue."""
+        """LISTEN to ``queue``, starting the listener with the first queue;
+        nothing when polling (behind a transaction pooler, without
+        ``listen_connection_string``)."""
+        if self._polling:
+            return
         async with self._listener_started:
             if not self._listening:
                 await self._task_group.start(self._run_service, self._listener.run)
@@ -228,7 +319,10 @@ class PostgresBackend(Backend):
 
     async def _enqueue_tick(self, queue: str, tick: datetime) -> bool:
         fingerprint, payload = tick_job_fields(queue, tick)
-        return await self._store.claim_tick(queue, tick, fingerprint, payload)
+        claimed = await self._store.claim_tick(queue, tick, fingerprint, payload)
+        if claimed and self._polling:
+            self._hint(queue)  # no notification reaches this process
+        return claimed
 
     def _stop_intake(self) -> None:
         for wakeups in self._wakeups.values():
@@ -261,6 +355,8 @@ class PostgresBackend(Backend):
     async def _open_session(self) -> AnyioConnection:
         """A pooled session: connected, then set up (``_sql.session_settings``)."""
         conn = await connect(self._settings.conninfo, redact=self._log.redact)
+        if not self._session_setup:  # behind a pooler: nothing to set up
+            return conn
         try:
             with map_errors(self._log.redact, "cannot set up a session"):
                 await conn.execute(self._session_setup)
@@ -270,7 +366,16 @@ class PostgresBackend(Backend):
         return conn
 
     async def _open_listener(self) -> AnyioConnection:
-        return await connect(self._settings.conninfo, redact=self._log.redact)
+        settings = self._listen_settings
+        assert settings is not None  # not polling
+        return await connect(settings.conninfo, redact=self._log.redact)
+
+    def _hint(self, queue: str) -> None:
+        """Wake a worker of ``queue`` in this process, if it runs one, for a
+        job just enqueued here: when polling, nothing else tells it soon."""
+        wakeups = self._wakeups.get(queue)
+        if wakeups is not None:
+            wakeups.hint()
 
     def _on_notify(self, channel: str, payload: str) -> None:
         wakeups = self._wakeups.get(channel)

@@ -5,6 +5,12 @@ query on the same connection would stall behind it; the listener therefore
 owns a connection of its own and is the only task that touches it. New
 channels are handed to it through ``listen()``, which interrupts its wait.
 
+LISTEN belongs to a server session, so this connection must have one of its
+own: a direct connection, or one through session pooling. Behind a
+transaction pooler it goes to ``listen_connection_string``; without one the
+backend starts no listener at all, and the pending-job poller wakes the
+workers instead (``_scheduler``).
+
 When the connection drops (database restart, ``pg_terminate_backend``, a
 network cut caught by the periodic ping), the listener reconnects with
 capped exponential backoff, listens to every channel again, and calls

@@ -7,7 +7,10 @@
 * ``PendingJobs``: every ``pending_job_check_interval``, and when poked
   (start, reconnection), it asks each queue whether a due job waits, and if
   so sweeps the queue; this is how jobs queued while nobody listened, or
-  whose notification was lost, get run.
+  whose notification was lost, get run. Behind a transaction pooler without
+  a LISTEN connection no notification arrives at all: the backend then runs
+  it every ``job_check_interval``, and it is how workers learn of jobs
+  enqueued by other processes.
 """
 
 from __future__ import annotations
@@ -45,6 +48,11 @@ class _Poke:
 
     def set(self) -> None:
         self._event.set()
+
+    @property
+    def pending(self) -> bool:
+        """Set, and not yet waited for."""
+        return self._event.is_set()
 
     async def wait(self, timeout: float) -> None:
         with anyio.move_on_after(timeout):
@@ -139,15 +147,24 @@ class PendingJobs:
         self._interval = interval
         self._log = log
         self._poke = _Poke()
+        self.checks = 0  # looks completed, with queues to look at (for tests)
+        self._checking = False
 
     def poke(self) -> None:
         """Check every queue now."""
         self._poke.set()
 
+    @property
+    def settled(self) -> bool:
+        """No look running, and none asked for (for tests)."""
+        return not (self._checking or self._poke.pending)
+
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> NoReturn:
         task_status.started()
         while True:
+            self._checking = True
             ok = await self._check()
+            self._checking = False
             await self._poke.wait(self._interval if ok else min(self._interval, _RETRY_AFTER_ERROR))
 
     async def _check(self) -> bool:
@@ -163,4 +180,5 @@ class PendingJobs:
             wakeups = self._queues.get(queue)
             if wakeups is not None:
                 wakeups.sweep()
+        self.checks += 1
         return True

@@ -36,7 +36,7 @@ __all__ = [
     "search_path_names",
 ]
 
-SCHEMA_VERSION: Final = 4
+SCHEMA_VERSION: Final = 5
 """Bump with every change to schema.sql, which must stay additive."""
 
 # Any constant works; this one is "neoq" in ASCII, shared by every process.
@@ -164,16 +164,20 @@ async def _ensure_namespace(conn: AnyioConnection) -> None:
         await conn.execute(_sql.CREATE_SCHEMA.format(sql.Identifier(name)))
 
 
-async def _ensure_schema(conn: AnyioConnection) -> bool:
+async def _ensure_schema(conn: AnyioConnection, *, pooled: bool = False) -> bool:
     """Create neoq's tables in the connection's schema unless they are current.
 
     ``conn`` must be in autocommit mode. Returns True if this call migrated.
+    ``pooled``: behind a transaction pooler, the session setup is made for
+    the migration's transaction alone.
 
     psycopg's errors propagate; ``ensure_schema`` translates them.
     """
     if await _migrated(conn):
         return False
     async with conn.transaction():
+        if pooled:
+            await conn.execute(_sql.MIGRATION_SETUP)
         await conn.execute(_sql.MIGRATION_LOCK, (_MIGRATION_LOCK,))
         await _ensure_namespace(conn)
         if await _migrated(conn):
@@ -183,20 +187,31 @@ async def _ensure_schema(conn: AnyioConnection) -> bool:
     return True
 
 
-async def ensure_schema(conn: AnyioConnection, log: BackendLog) -> bool:
+async def ensure_schema(conn: AnyioConnection, log: BackendLog, *, pooled: bool = False) -> bool:
     """Create or upgrade neoq's tables on an autocommit connection; True if it migrated.
+
+    ``pooled``: ``conn`` leads through a transaction pooler, so nothing is
+    set on its session: the migration's transaction sets what it needs, and
+    its advisory lock is a transaction's (``pg_advisory_xact_lock``), as it
+    always is.
 
     Raises:
         DatabaseError: the DDL failed (for example, missing privileges); the
             transaction rolled back, so nothing is half-written.
     """
     with map_errors(log.redact, "cannot set up neoq's schema"):
-        await conn.execute(_sql.SESSION_SETUP)
-        return await _ensure_schema(conn)
+        if not pooled:
+            await conn.execute(_sql.SESSION_SETUP)
+        return await _ensure_schema(conn, pooled=pooled)
 
 
-async def prepare_database(settings: ConnectionSettings, log: BackendLog) -> None:
+async def prepare_database(
+    settings: ConnectionSettings, log: BackendLog, *, pooled: bool = False
+) -> None:
     """Connect once, creating the database and the schema when missing.
+
+    ``pooled``: the connection string leads through a transaction pooler
+    (see ``ensure_schema``).
 
     Raises:
         DatabaseError: the server cannot be reached, or the database cannot
@@ -210,7 +225,7 @@ async def prepare_database(settings: ConnectionSettings, log: BackendLog) -> Non
             raise
         conn = await connect(settings.conninfo, redact=log.redact, doing=doing)
     try:
-        await ensure_schema(conn, log)
+        await ensure_schema(conn, log, pooled=pooled)
     finally:
         await conn.close()
 

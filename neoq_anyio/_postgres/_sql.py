@@ -12,12 +12,14 @@ run with the simple protocol, so ``BEGIN``, the locking ``SELECT`` and the
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Final, LiteralString
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, LiteralString, TypeAlias
 
 from psycopg import sql
 
 if TYPE_CHECKING:
     from collections.abc import Collection, Mapping
+    from datetime import datetime
 
     from psycopg.abc import AdaptContext
 
@@ -37,9 +39,13 @@ JOB_COLUMNS: Final = (
 )
 JOB_COLUMN_NAMES: Final = tuple(name.strip() for name in JOB_COLUMNS.split(","))
 
+_READY: Final = "status <> 'processed' AND lease_token IS NULL"
+"""Jobs a claim may take (neoq_anyio_jobs_ready_idx's predicate): unprocessed
+and not leased. Every query for due jobs says so, to use that index."""
+
 JobQuery: Final[LiteralString] = (
     "SELECT " + JOB_COLUMNS + " FROM neoq_jobs "
-    "WHERE queue = %s AND status <> 'processed' AND run_after <= now() "
+    "WHERE queue = %s AND status <> 'processed' AND lease_token IS NULL AND run_after <= now() "
     "ORDER BY run_after, id "
     "LIMIT 1 FOR UPDATE SKIP LOCKED"
 )
@@ -52,7 +58,7 @@ processes sharing a database never race for the same row.
 
 PendingJobIDQuery: Final[LiteralString] = (
     "SELECT id FROM neoq_jobs "
-    "WHERE queue = %s AND status <> 'processed' AND run_after <= now() "
+    "WHERE queue = %s AND status <> 'processed' AND lease_token IS NULL AND run_after <= now() "
     "ORDER BY run_after, id LIMIT 1"
 )
 """Finds whether a queue has a due job that no notification announced."""
@@ -60,7 +66,7 @@ PendingJobIDQuery: Final[LiteralString] = (
 FutureJobQuery: Final[LiteralString] = (
     "SELECT id, queue, extract(epoch FROM run_after - clock_timestamp())::float8 "
     "FROM neoq_jobs "
-    "WHERE queue = ANY(%s) AND status <> 'processed' "
+    "WHERE queue = ANY(%s) AND status <> 'processed' AND lease_token IS NULL "
     "AND run_after > now() AND run_after <= now() + make_interval(secs => %s) "
     "ORDER BY run_after LIMIT 1000"
 )
@@ -146,20 +152,61 @@ _UTC_NAMES: Final = frozenset(
 )
 
 
-def take_job(queue: str, context: AdaptContext, *, skip: Collection[int] = ()) -> str:
+def take_job(
+    queue: str,
+    context: AdaptContext,
+    *,
+    skip: Collection[int] = (),
+    position: Position | None = None,
+    behind: bool = False,
+    settings: str = "",
+) -> str:
     """``BEGIN; <JobQuery>; SAVEPOINT``: one round trip to start a job.
 
     The savepoint lets a failed handler's writes roll back while the job's
     row lock, and the failure record, stay in the same transaction. ``skip``:
     ids of jobs not to take (held back after their outcome failed to record).
+    ``position``: only jobs after it in claim order (``behind``: at or before
+    it); see ``_watermark``. ``settings``: ``PerTransaction.opens``, extra
+    columns that configure the job's transaction behind a pooler.
     """
     query = _TAKE_QUERY.replace("%s", "{}")
+    if settings:
+        query = query.replace(" FROM neoq_jobs ", f"{settings} FROM neoq_jobs ", 1)
+    extra = ""
     if skip:
-        ids = ", ".join(f"{int(job_id):d}" for job_id in skip)
-        assert "AND run_after" in query  # JobQuery's shape, which the clause joins
-        query = query.replace("AND run_after", f"AND id NOT IN ({ids}) AND run_after", 1)
+        extra += f"AND id NOT IN ({', '.join(f'{int(job_id):d}' for job_id in skip)}) "
+    if position is not None:
+        extra += position_condition(position, behind=behind) + " "
+    if extra:
+        assert "AND run_after" in query  # JobQuery's shape, which the clauses join
+        query = query.replace("AND run_after", f"{extra}AND run_after", 1)
     select = sql.SQL(query).format(sql.Literal(queue))
     return f"BEGIN; {select.as_string(context)}; SAVEPOINT {SAVEPOINT}"
+
+
+def at_position(take: str, position: Position, *, behind: bool) -> str:
+    """``take`` (from ``take_job``, without a position) limited to jobs after
+    ``position`` (``behind``: at or before it). The clause goes before the last
+    ``run_after`` bound: the queue's literal, earlier, cannot hold the match."""
+    head, bound, tail = take.rpartition(_DUE_BOUND)
+    assert bound  # take_job's shape
+    return f"{head} {position_condition(position, behind=behind)}{bound}{tail}"
+
+
+_DUE_BOUND: Final = " AND run_after <= now()"
+
+Position: TypeAlias = "tuple[datetime, int]"
+"""A place in claim order: a job's ``(run_after, id)``."""
+
+
+def position_condition(position: Position, *, behind: bool) -> str:
+    """``AND (run_after, id) > (...)`` (``<=`` when ``behind``), with the position
+    inlined: a timestamp in ISO form and an integer, neither from user input
+    as text (``isoformat`` of a ``datetime``, ``int``)."""
+    run_after, job_id = position
+    op = "<=" if behind else ">"
+    return f"AND (run_after, id) {op} ('{run_after.isoformat()}'::timestamptz, {int(job_id):d})"
 
 
 def record_outcome(job_id: str, outcome: Outcome, context: AdaptContext) -> str:
@@ -175,8 +222,11 @@ def record_outcome(job_id: str, outcome: Outcome, context: AdaptContext) -> str:
     """
     row = int(job_id)
     if outcome.kind == "processed":
+        # Released before the UPDATE, the savepoint's subtransaction gets no
+        # id of its own when the handler wrote nothing: one transaction id per
+        # job, not two.
         return (
-            "SET CONSTRAINTS ALL IMMEDIATE; "
+            f"SET CONSTRAINTS ALL IMMEDIATE; RELEASE SAVEPOINT {SAVEPOINT}; "
             "UPDATE neoq_jobs SET status = 'processed', ran_at = now(), error = NULL, "
             f"retries = {int(outcome.retries):d} WHERE id = {row:d}; COMMIT"
         )
@@ -252,6 +302,7 @@ def _record_failure(
         return (
             f"{with_}UPDATE neoq_jobs AS j SET "
             "status = CASE WHEN b.blocked THEN j.status ELSE 'failed' END, "
+            "lease_token = NULL, lease_expires_at = NULL, "
             f"retries = CASE WHEN b.blocked THEN {retries + 1:d} ELSE {retries:d} END, "
             f"ran_at = now(), error = {message}, "
             f"run_after = clock_timestamp() + make_interval(secs => {delay!r}) "
@@ -283,6 +334,162 @@ def _text_literal(text: str, context: AdaptContext) -> str:
         return sql.Literal(text.encode("ascii", "backslashreplace").decode()).as_string(context)
 
 
+# -- lease mode (neoq_anyio._postgres._leases) ------------------------------------------
+
+LEASE_COLUMN_NAMES: Final = (
+    *JOB_COLUMN_NAMES,
+    "trace_context",
+    "previous_retries",
+    "lease_token",
+    "previous_token",
+)
+"""What a claim returns per job: the job (as the handler sees it: ``retries``
+already counts this attempt), its trace context, and what the claim
+replaced, to give it back on release."""
+
+_LEASED: Final = ", ".join(
+    [f"j.{name}" for name in (*JOB_COLUMN_NAMES, "trace_context")]
+    + ["c.retries AS previous_retries", "j.lease_token", "c.token AS previous_token"]
+)
+
+
+def claim_ready(*, after: bool = False, behind: bool = False) -> str:
+    """Lease up to ``%(n)s`` ready jobs of ``%(queue)s`` for ``%(lease)s`` seconds.
+
+    One statement: the jobs are locked (``SKIP LOCKED``: claimers never wait
+    for each other), leased and returned. The fencing token is the claiming
+    transaction's id, unique to this claim. The attempt is counted now, as
+    ``as_run`` counts it (a failed job's run is a retry), so a job whose
+    worker dies has it counted already. ``after``: only jobs after the
+    position ``%(run_after)s``, ``%(id)s`` in claim order (``behind``: at or
+    before it); see ``_watermark``.
+    """
+    return _CLAIM_READY[after, behind]
+
+
+def _claim_ready(*, after: bool, behind: bool) -> str:
+    where = ""
+    if after:
+        op = "<=" if behind else ">"
+        where = f" AND (run_after, id) {op} (%(run_after)s, %(id)s)"
+    return (
+        "WITH c AS (SELECT id, coalesce(retries, 0) AS retries, NULL::bigint AS token "
+        f"FROM neoq_jobs WHERE queue = %(queue)s AND {_READY} AND run_after <= now(){where} "
+        "ORDER BY run_after, id LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
+        "UPDATE neoq_jobs AS j SET lease_token = txid_current(), "
+        "lease_expires_at = now() + make_interval(secs => %(lease)s), "
+        "retries = c.retries + (j.status = 'failed')::int "
+        f"FROM c WHERE j.id = c.id RETURNING {_LEASED}"
+    )
+
+
+_CLAIM_READY: Final = {
+    (after, behind): _claim_ready(after=after, behind=behind)
+    for after in (False, True)
+    for behind in (False, True)
+}
+
+
+def claim_expired(settings: str = "") -> str:
+    """``CLAIM_EXPIRED`` with ``settings`` (``PerTransaction.writes``)
+    returned by the claiming UPDATE, behind a transaction pooler."""
+    return (
+        "WITH c AS (SELECT id, coalesce(retries, 0) AS retries, lease_token AS token "
+        "FROM neoq_jobs WHERE queue = %(queue)s AND lease_token IS NOT NULL "
+        "AND lease_expires_at <= now() AND lease_expires_at > %(since)s "
+        "ORDER BY lease_expires_at LIMIT %(n)s FOR UPDATE SKIP LOCKED), "
+        "claimed AS (UPDATE neoq_jobs AS j SET lease_token = txid_current(), "
+        "lease_expires_at = now() + make_interval(secs => %(lease)s), "
+        "retries = c.retries + 1, error = %(error)s "
+        f"FROM c WHERE j.id = c.id RETURNING {_LEASED}{settings}) "
+        "SELECT now(), claimed.* FROM (SELECT) AS one LEFT JOIN claimed ON true"
+    )
+
+
+CLAIM_EXPIRED: Final = claim_expired()
+"""Lease again up to ``%(n)s`` jobs of ``%(queue)s`` whose lease expired after
+``%(since)s`` (their worker was lost); the first column of every row is the
+database's ``now()`` (one row of NULLs when none expired). The lost attempt
+counts as a failed run (``%(error)s`` says so): ``retries`` grows by one."""
+
+COMPLETE_LEASED: Final = (
+    "UPDATE neoq_jobs AS j SET status = 'processed', ran_at = now(), error = NULL, "
+    "lease_token = NULL, lease_expires_at = NULL "
+    "FROM unnest(%s::bigint[], %s::bigint[]) AS d(id, token) "
+    "WHERE j.id = d.id AND j.lease_token = d.token RETURNING j.id"
+)
+"""Mark leased jobs processed (ids, tokens); returns the ids whose lease held."""
+
+EXTEND_LEASES: Final = (
+    "UPDATE neoq_jobs AS j SET lease_expires_at = now() + make_interval(secs => %s) "
+    "FROM unnest(%s::bigint[], %s::bigint[]) AS d(id, token) "
+    "WHERE j.id = d.id AND j.lease_token = d.token RETURNING j.id"
+)
+"""The heartbeat: extend leases (seconds, ids, tokens); returns the ids whose lease held."""
+
+RELEASE_LEASES: Final = (
+    "UPDATE neoq_jobs AS j SET "
+    "lease_token = CASE WHEN d.lost THEN j.lease_token END, "
+    "lease_expires_at = CASE WHEN d.lost THEN now() END, "
+    "retries = d.retries "
+    "FROM unnest(%s::bigint[], %s::bigint[], %s::int[], %s::bool[]) AS d(id, token, retries, lost) "
+    "WHERE j.id = d.id AND j.lease_token = d.token "
+    "RETURNING j.id, pg_notify(j.queue, j.id::text)"
+)
+"""Give back leases of jobs cut short (ids, tokens, retries before the claim,
+whether the claim had taken over a lost lease): due again at once, as before
+the claim. A job whose lease was lost before stays a lost lease (expired now,
+under a token nobody holds), so its next claim still counts that attempt."""
+
+LOCK_LEASED: Final = (
+    "BEGIN; UPDATE neoq_jobs SET lease_expires_at = now() + make_interval(secs => {lease}) "
+    "WHERE id = {id} AND lease_token = {token} RETURNING id; SAVEPOINT " + SAVEPOINT
+)
+"""Open a leased job's transaction: lock its row if the lease still holds
+(no row back: lost), and extend the lease while at it. The savepoint lets a
+failure be recorded in the same transaction, under the row lock, once the
+handler's writes are rolled back (``record_locked``)."""
+
+
+def lock_leased(settings: str = "") -> str:
+    """``LOCK_LEASED`` with ``settings`` (``PerTransaction.opens``) returned by
+    its UPDATE, behind a transaction pooler."""
+    return LOCK_LEASED.replace(" RETURNING id", f" RETURNING id{settings}", 1)
+
+
+def complete_locked(job_id: str, token: int) -> str:
+    """Mark a leased job processed in its own transaction (the handler's
+    writes commit with it), and COMMIT; deferred constraints are checked
+    first, as in ``record_outcome``. The third result holds the row if the
+    lease held."""
+    return (
+        f"SET CONSTRAINTS ALL IMMEDIATE; RELEASE SAVEPOINT {SAVEPOINT}; "
+        "UPDATE neoq_jobs SET status = 'processed', ran_at = now(), error = NULL, "
+        f"lease_token = NULL, lease_expires_at = NULL WHERE id = {int(job_id):d} "
+        f"AND lease_token = {int(token):d} RETURNING id; COMMIT"
+    )
+
+
+def record_locked(job_id: str, token: int, outcome: Outcome, context: AdaptContext) -> str:
+    """Record a failed or dead outcome in the leased job's open transaction,
+    and COMMIT: the handler's writes roll back to the savepoint ``LOCK_LEASED``
+    set, the row stays locked, so no one can claim the job in between. The
+    second result holds the row if the lease held."""
+    statement = record_leased(job_id, token, outcome, context)
+    return f"ROLLBACK TO SAVEPOINT {SAVEPOINT}; {statement}; COMMIT"
+
+
+def record_leased(job_id: str, token: int, outcome: Outcome, context: AdaptContext) -> str:
+    """Record a failed (``retry``) or ``dead`` outcome of a leased job, in
+    autocommit; changes nothing unless the lease still holds. Returns the
+    job's id when it wrote."""
+    guard = (
+        f"job AS (SELECT id FROM neoq_jobs WHERE id = {int(job_id):d} "
+        f"AND lease_token = {int(token):d} FOR UPDATE)"
+    )
+    return _record_failure(outcome, context, target="SELECT id FROM job", ctes=[guard])
+
+
 CLAIM_TICK: Final = (
     "WITH claim AS ("
     " INSERT INTO neoq_anyio_cron_ticks (queue, tick) VALUES (%(queue)s, %(tick)s)"
@@ -296,6 +503,10 @@ CLAIM_TICK: Final = (
     "ON CONFLICT DO NOTHING RETURNING id"
 )
 """Claim a tick and enqueue its job in one statement; no row back: already claimed."""
+
+CLAIM_TICK_ANNOUNCED: Final = CLAIM_TICK + ", pg_notify(queue, id::text)"
+"""``CLAIM_TICK`` announcing the job itself, for a session whose TimeZone is not
+known to be UTC (behind a transaction pooler), where Go neoq's trigger may miss it."""
 
 
 LENT_SESSION: Final = b"SET synchronous_commit TO DEFAULT"
@@ -334,6 +545,52 @@ def session_settings(*, synchronous_commit: bool, transaction_timeout: float) ->
     return "; ".join(statements).encode()
 
 
+@dataclass(frozen=True, slots=True)
+class PerTransaction:
+    """What ``session_settings`` sets once per session, set per transaction
+    instead, for sessions behind a transaction pooler (PgBouncer's
+    ``pool_mode = transaction``), where each transaction may run in another
+    server session and a session setting would leak into other clients'.
+
+    Each is a suffix of ``set_config(..., true)`` calls to append to the
+    column list of the statement that locks or writes the rows (a
+    ``RETURNING`` list, or the job-taking ``SELECT``'s): evaluated as it
+    does, it configures that statement's transaction, with no statement or
+    round trip of its own. ``true`` makes them last until the transaction
+    ends, commit included, so ``synchronous_commit`` applies to the commit.
+    Row readers ignore columns past those they know. Both are empty for a
+    direct connection or session pooling, where ``session_settings`` holds.
+
+    Attributes:
+        pooled: whether the sessions are behind a transaction pooler.
+        writes: for a statement that commits alone: ``synchronous_commit``
+            (unless it is kept).
+        opens: for the statement that opens a job's transaction: ``writes``
+            and the idle-in-transaction bound (``idle_timeout_ms``).
+    """
+
+    pooled: bool = False
+    writes: str = ""
+    opens: str = ""
+
+
+DIRECT: Final = PerTransaction()
+"""No per-transaction settings: a direct connection, or session pooling."""
+
+
+def per_transaction(*, synchronous_commit: bool, transaction_timeout: float) -> PerTransaction:
+    """``session_settings`` as a ``PerTransaction``, for a transaction pooler.
+
+    No TimeZone: nothing the library runs depends on it except Go neoq's
+    trigger, so pooled sessions announce due jobs explicitly instead
+    (``insert_job(notify=True)``, ``CLAIM_TICK_ANNOUNCED``).
+    """
+    writes = "" if synchronous_commit else ", set_config('synchronous_commit', 'off', true)"
+    idle = idle_timeout_ms(transaction_timeout)
+    opens = f"{writes}, set_config('idle_in_transaction_session_timeout', '{idle:d}', true)"
+    return PerTransaction(pooled=True, writes=writes, opens=opens)
+
+
 LISTEN: Final = sql.SQL("LISTEN {}")
 """Format with ``sql.Identifier(channel)``."""
 
@@ -359,18 +616,21 @@ MIGRATIONS_TABLE_EXISTS: Final = "SELECT to_regclass('neoq_anyio_migrations') IS
 MIGRATED: Final = "SELECT 1 FROM neoq_anyio_migrations WHERE version = %s"
 RECORD_MIGRATION: Final = "INSERT INTO neoq_anyio_migrations (version) VALUES (%s)"
 MIGRATION_LOCK: Final = "SELECT pg_advisory_xact_lock(%s)"
+MIGRATION_SETUP: Final = "SET LOCAL TimeZone = 'UTC'"
+"""``SESSION_SETUP`` for the migration's transaction alone (behind a transaction pooler)."""
 
 
 # -- for neoq_anyio.testing ----------------------------------------------------------
 
 COUNT_DUE: Final = (
     "SELECT count(*) FROM neoq_jobs WHERE queue = ANY(%s) "
-    "AND status <> 'processed' AND run_after <= now()"
+    "AND status <> 'processed' AND (run_after <= now() OR lease_token IS NOT NULL)"
 )
+"""Jobs due or leased (running, or completed and not yet acknowledged)."""
 
 FAST_FORWARD: Final = (
     "UPDATE neoq_jobs SET run_after = run_after - make_interval(secs => %s) "
-    "WHERE status <> 'processed' AND run_after > now()"
+    "WHERE status <> 'processed' AND lease_token IS NULL AND run_after > now()"
 )
 
 # The dead jobs table has neither run_after nor ran_at, and its status column
@@ -380,13 +640,16 @@ _DEAD_COLUMNS: Final = (
     "max_retries, NULL::timestamptz AS run_after, NULL::timestamptz AS ran_at, "
     "created_at, error"
 )
-# The live jobs' columns, typed as the dead ones', for a UNION.
-_LIVE_COLUMNS: Final = JOB_COLUMNS.replace("status", "status::text AS status")
+# The live jobs' columns, typed as the dead ones', for a UNION. A leased job
+# reads as running; the table keeps its status (new or failed).
+_LIVE_COLUMNS: Final = JOB_COLUMNS.replace(
+    "status", "CASE WHEN lease_token IS NULL THEN status::text ELSE 'running' END AS status"
+)
 
 
 def select_jobs(*, dead: bool, queue: bool) -> bytes:
     """Every job (or dead job), oldest first; ``queue``: filtered by a ``%s`` queue."""
-    table, columns = ("neoq_dead_jobs", _DEAD_COLUMNS) if dead else ("neoq_jobs", JOB_COLUMNS)
+    table, columns = ("neoq_dead_jobs", _DEAD_COLUMNS) if dead else ("neoq_jobs", _LIVE_COLUMNS)
     where = " WHERE queue = %s" if queue else ""
     return f"SELECT {columns} FROM {table}{where} ORDER BY id".encode()
 
@@ -397,6 +660,15 @@ GET_JOB: Final = (
     f"SELECT {_LIVE_COLUMNS} FROM neoq_jobs WHERE id = %(id)s "
     f"UNION ALL SELECT {_DEAD_COLUMNS} FROM neoq_dead_jobs WHERE id = %(id)s LIMIT 1"
 ).encode()
+
+
+# A leased job reads as running (see _LIVE_COLUMNS).
+_STATUS_IS: Final = {
+    "running": "lease_token IS NOT NULL",
+    "new": "status = 'new' AND lease_token IS NULL",
+    "failed": "status = 'failed' AND lease_token IS NULL",
+    "processed": "status = 'processed'",
+}
 
 
 def list_jobs(*, queue: bool, status: str | None, before: bool) -> bytes:
@@ -410,7 +682,7 @@ def list_jobs(*, queue: bool, status: str | None, before: bool) -> bytes:
         conditions.append("id < %(before)s")
     parts = []
     if status != "dead":
-        live = conditions + ([f"status::text = '{status}'"] if status else [])
+        live = conditions + ([_STATUS_IS[status]] if status else [])
         where = f" WHERE {' AND '.join(live)}" if live else ""
         parts.append(
             f"(SELECT {_LIVE_COLUMNS} FROM neoq_jobs{where} ORDER BY id DESC LIMIT %(limit)s)"
@@ -424,9 +696,11 @@ def list_jobs(*, queue: bool, status: str | None, before: bool) -> bytes:
     return f"SELECT * FROM ({union}) AS jobs ORDER BY id DESC LIMIT %(limit)s".encode()
 
 
-# A job being run now (transaction mode) holds its row lock: these statements
-# skip it instead of waiting for the job to end.
-_UNLOCKED_JOB: Final = "SELECT id FROM neoq_jobs WHERE id = %(id)s FOR UPDATE SKIP LOCKED"
+# A job being run now holds its row lock (transaction mode) or a lease: these
+# statements leave it alone instead of waiting for the job to end.
+_UNLOCKED_JOB: Final = (
+    "SELECT id FROM neoq_jobs WHERE id = %(id)s AND lease_token IS NULL FOR UPDATE SKIP LOCKED"
+)
 
 _RETURNING_JOB: Final = ", ".join(
     f"neoq_jobs.{name}::text" if name == "status" else f"neoq_jobs.{name}"
@@ -459,7 +733,9 @@ DEAD_JOB_EXISTS: Final = b"SELECT 1 FROM neoq_dead_jobs WHERE id = %(id)s"
 LIVE_JOB: Final = f"SELECT {_LIVE_COLUMNS} FROM neoq_jobs WHERE id = %(id)s".encode()
 
 CANCEL_JOB: Final = (
-    f"WITH j AS ({_UNLOCKED_JOB} ), "
+    # A leased job is cancelled too: its worker finds the lease gone at its
+    # next heartbeat and cancels the handler.
+    "WITH j AS (SELECT id FROM neoq_jobs WHERE id = %(id)s FOR UPDATE SKIP LOCKED), "
     "gone AS (DELETE FROM neoq_jobs USING j WHERE neoq_jobs.id = j.id "
     "AND neoq_jobs.status <> 'processed' RETURNING neoq_jobs.*) "
     "INSERT INTO neoq_dead_jobs (id, queue, fingerprint, payload, retries, max_retries, error, "
@@ -476,13 +752,14 @@ DELETE_JOB: Final = (
 
 QUEUE_STATS: Final = (
     b"SELECT queue, "
-    b"count(*) FILTER (WHERE status::text IN ('new', 'failed') AND run_after <= now()), "
-    b"count(*) FILTER (WHERE status = 'new' AND run_after > now()), "
-    b"count(*) FILTER (WHERE status::text = 'running' AND run_after > now()), "
-    b"count(*) FILTER (WHERE status = 'failed' AND run_after > now()), "
+    b"count(*) FILTER (WHERE status <> 'processed' AND lease_token IS NULL "
+    b"AND run_after <= now()), "
+    b"count(*) FILTER (WHERE status = 'new' AND lease_token IS NULL AND run_after > now()), "
+    b"count(*) FILTER (WHERE lease_token IS NOT NULL), "
+    b"count(*) FILTER (WHERE status = 'failed' AND lease_token IS NULL AND run_after > now()), "
     b"count(*) FILTER (WHERE status = 'processed'), "
     b"extract(epoch FROM now() - min(run_after) FILTER ("
-    b"WHERE status::text IN ('new', 'failed') AND run_after <= now()))::float8 "
+    b"WHERE status <> 'processed' AND lease_token IS NULL AND run_after <= now()))::float8 "
     b"FROM neoq_jobs GROUP BY queue"
 )
 

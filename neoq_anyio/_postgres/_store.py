@@ -24,6 +24,7 @@ from neoq_anyio._pg._connection import connect
 from neoq_anyio._pg._errors import map_errors
 
 from . import _sql
+from ._watermark import Watermark
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -65,13 +66,25 @@ class JobStore:
         conninfo: for the testing helpers' own connections, which must work
             after the pool closed.
         log: the backend's log; its ``redact`` scrubs error messages.
+        per_transaction: behind a transaction pooler, the settings each
+            transaction carries (``_sql.PerTransaction``); empty otherwise.
     """
 
-    def __init__(self, pool: ConnectionPool, conninfo: str, log: BackendLog) -> None:
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        conninfo: str,
+        log: BackendLog,
+        *,
+        per_transaction: _sql.PerTransaction = _sql.DIRECT,
+    ) -> None:
         self._pool = pool
         self._conninfo = conninfo
         self._log = log
+        self._settings = per_transaction
+        self._claim_tick = _sql.CLAIM_TICK_ANNOUNCED if per_transaction.pooled else _sql.CLAIM_TICK
         self._take: dict[str, str] = {}  # per queue, built with the connection's encoding
+        self.watermarks: dict[str, Watermark] = {}  # per queue: where claims start
         self._held_back: dict[str, _HeldBack] = {}  # by job id: see hold_back()
         self._mine: set[str] = set()  # ids of the jobs this process's workers run
 
@@ -104,6 +117,8 @@ class JobStore:
         )
         with map_errors(self._log.redact, "cannot enqueue the job"):
             if connection is None:
+                if self._settings.writes:  # behind a pooler; the caller's own keep theirs
+                    query += self._settings.writes
                 conn = await self._pool.acquire()  # not `async with`: the hot path
                 try:
                     row = await (await conn.execute(query, params)).fetchone()
@@ -123,7 +138,7 @@ class JobStore:
         params = {"queue": queue, "tick": tick, "fingerprint": fingerprint, "payload": payload}
         with map_errors(self._log.redact, "cannot enqueue a cron tick"):
             async with self._pool.connection() as conn:
-                cur = await conn.execute(_sql.CLAIM_TICK, params)
+                cur = await conn.execute(self._claim_tick, params)
                 return await cur.fetchone() is not None
 
     # -- running jobs in their own transaction -------------------------------------------
@@ -136,29 +151,68 @@ class JobStore:
         process still runs (see ``done``), whose row lock may have died with
         their session. Call ``done`` once the job is recorded.
         """
+        watermark = self.watermark(queue)
         with map_errors(self._log.redact, f"cannot take a job from queue {queue!r}"):
             skip = self._skipped(queue) if self._held_back else []
-            row = await self._take_row(conn, queue, skip)
+            row = await self._take_after(conn, queue, skip, watermark)
             if row is not None and str(row[0]) in self._mine:
                 # Still running here, but unlocked: its session ended under it.
                 await conn.execute(_sql.ROLLBACK)
-                row = await self._take_row(conn, queue, [*skip, *map(int, self._mine)])
+                skip = [*skip, *map(int, self._mine)]
+                row = await self._take_after(conn, queue, skip, watermark)
             if row is None:
                 return None
         job = job_from_row(row, _sql.TAKE_COLUMN_NAMES)
+        watermark.advance(job.run_after, job.id or "0")
         self._mine.add(str(job.id))
         return job
 
+    def watermark(self, queue: str) -> Watermark:
+        """Where ``queue``'s claims in this process start (see ``_watermark``)."""
+        watermark = self.watermarks.get(queue)
+        if watermark is None:
+            watermark = self.watermarks[queue] = Watermark()
+        return watermark
+
+    async def _take_after(
+        self, conn: AnyioConnection, queue: str, skip: list[int], watermark: Watermark
+    ) -> tuple[Any, ...] | None:
+        """The next job after the watermark, else (it is set) at or before it."""
+        position = watermark.position
+        if position is None:
+            return await self._take_row(conn, queue, skip)
+        row = await self._take_row(conn, queue, skip, position)
+        if row is None:
+            row = await self._take_row(conn, queue, skip, position, behind=True)
+        return row
+
     async def _take_row(
-        self, conn: AnyioConnection, queue: str, skip: list[int]
+        self,
+        conn: AnyioConnection,
+        queue: str,
+        skip: list[int],
+        position: _sql.Position | None = None,
+        *,
+        behind: bool = False,
     ) -> tuple[Any, ...] | None:
         if skip:
-            take = _sql.take_job(queue, conn, skip=skip)  # rare: not cached
+            take = _sql.take_job(
+                queue,
+                conn,
+                skip=skip,
+                position=position,
+                behind=behind,
+                settings=self._settings.opens,
+            )
         else:
             cached = self._take.get(queue)
             if cached is None:
-                cached = self._take[queue] = _sql.take_job(queue, conn)
+                cached = self._take[queue] = _sql.take_job(
+                    queue, conn, settings=self._settings.opens
+                )
             take = cached
+            if position is not None:  # moves with every take: spliced in, not cached
+                take = _sql.at_position(take, position, behind=behind)
         cur = await conn.execute(take)
         cur.nextset()  # past BEGIN, to the SELECT's rows
         row = await cur.fetchone()
@@ -347,3 +401,5 @@ class JobStore:
         with map_errors(self._log.redact, "cannot move jobs forward"):
             async with self._pool.connection() as conn:
                 await conn.execute(_sql.FAST_FORWARD, (seconds,))
+        for watermark in self.watermarks.values():  # jobs moved behind them
+            watermark.reset()

@@ -41,6 +41,7 @@ class Wakeups:
         self._hints = 0
         self._received = 0  # hints ever received, to tell stale ones apart
         self._sweeping = False
+        self.sweeps = 0  # sweeps ever begun: claims forget their watermark at each
         self._stopped = False
         self._idle: deque[anyio.Event] = deque()
         self._resting: deque[anyio.Event] = deque()
@@ -55,6 +56,7 @@ class Wakeups:
     def sweep(self) -> None:
         """Jobs may be due: every idle worker looks until the queue is empty."""
         self._sweeping = True
+        self.sweeps += 1
         self._wake_all()
 
     def mark(self) -> int:

@@ -95,6 +95,7 @@ class QueueWorkers:
         self._idle = anyio.Event()
         self._idle.set()
         self.in_flight = 0
+        self._sweeps_seen = 0
 
     async def wait_stopped(self) -> None:
         """Return once every worker of the queue has returned."""
@@ -111,6 +112,10 @@ class QueueWorkers:
                 wake = await self.wakeups.wait()
                 if wake is Wake.STOP:
                     return
+                if wake is Wake.SWEEP and self.wakeups.sweeps != self._sweeps_seen:
+                    # Jobs may be anywhere, behind the watermark too.
+                    self._sweeps_seen = self.wakeups.sweeps
+                    self._store.watermark(self.handler.queue).reset()
                 mark = self.wakeups.mark()
                 try:
                     found = await self._take_and_run()

@@ -1,0 +1,273 @@
+"""Lease mode's job SQL: claims, heartbeats, acknowledgements and releases.
+
+A leased job holds no connection while it runs. It carries a lease in its
+row: a fencing token (the id of the transaction that claimed it) and an
+expiry. Every write of the lease holder (completing, failing, extending,
+releasing, opening the job's transaction) matches the token, so a worker
+whose lease was lost, and the job claimed again elsewhere, changes nothing.
+An expired lease needs no rescuer: claims take expired leases as they take
+ready jobs (``LeaseStore.claim_expired``), counting the lost attempt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any
+
+from neoq_anyio._exceptions import JobLostError, LeaseLostError
+from neoq_anyio._models import Job
+from neoq_anyio._outcome import Outcome, describe_error
+from neoq_anyio._pg._errors import map_errors
+
+from . import _sql
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from neoq_anyio._log import BackendLog
+    from neoq_anyio._pg._connection import AnyioConnection
+    from neoq_anyio._pg._pool import ConnectionPool
+
+    from ._sql import Position
+
+__all__ = ["LOST_ERROR", "Lease", "LeaseStore"]
+
+LOST_ERROR = describe_error(JobLostError("the worker running the job was lost (its lease expired)"))
+"""The ``error`` stored when a lost lease is claimed again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claimed job and what its lease holder must remember.
+
+    Attributes:
+        job: the job as its handler sees it: its stored status (``new`` or
+            ``failed``, as in transaction mode), ``retries`` counting this
+            attempt.
+        token: the fencing token every write matches.
+        previous_retries: ``retries`` before the claim, restored on release.
+        took_over: the claim took over a lost lease (an attempt that counts).
+    """
+
+    job: Job
+    token: int
+    previous_retries: int
+    took_over: bool
+
+    @property
+    def id(self) -> str:
+        assert self.job.id is not None  # a stored job
+        return self.job.id
+
+    def refused(self) -> Outcome | None:
+        """The outcome, unrun, of a job whose lost attempts used up its
+        retries: it goes to the dead jobs as ``JobLostError``."""
+        job = self.job
+        if not self.took_over or job.max_retries is None or job.retries <= job.max_retries:
+            return None
+        lost = JobLostError(
+            f"the worker running the job was lost {job.retries} times (its lease "
+            "expired each time); no retries left"
+        )
+        return Outcome("dead", job.retries - 1, describe_error(lost), exc=lost, ran=False)
+
+
+def _lease_from_row(row: tuple[Any, ...]) -> Lease:
+    # Columns past the lease's are per-transaction settings (behind a pooler).
+    values = dict(zip(_sql.LEASE_COLUMN_NAMES, row[: len(_sql.LEASE_COLUMN_NAMES)], strict=True))
+    job = Job._from_row(values)  # as stored (new or failed), as in transaction mode
+    return Lease(
+        job,
+        int(values["lease_token"]),
+        values["previous_retries"],
+        values["previous_token"] is not None,
+    )
+
+
+class LeaseStore:
+    """Runs lease mode's SQL on pooled connections (the workers' share).
+
+    Args:
+        pool: where connections come from.
+        log: the backend's log; its ``redact`` scrubs error messages.
+    """
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        log: BackendLog,
+        *,
+        per_transaction: _sql.PerTransaction = _sql.DIRECT,
+    ) -> None:
+        self._pool = pool
+        self._log = log
+        # Behind a transaction pooler every statement carries its transaction's
+        # settings (``_sql.PerTransaction``); otherwise these are the plain ones.
+        self._writes = writes = per_transaction.writes
+        self._claim_expired = _sql.claim_expired(writes)
+        self._complete = _sql.COMPLETE_LEASED + writes
+        self._extend = _sql.EXTEND_LEASES + writes
+        self._release = _sql.RELEASE_LEASES + writes
+        self._lock = _sql.lock_leased(per_transaction.opens)
+
+    async def claim(
+        self,
+        queue: str,
+        count: int,
+        lease: float,
+        position: Position | None = None,
+        *,
+        behind: bool = False,
+    ) -> list[Lease]:
+        """Lease up to ``count`` ready jobs of ``queue``, oldest first; after
+        ``position`` in claim order (``behind``: at or before it)."""
+        params: dict[str, Any] = {"queue": queue, "n": count, "lease": lease}
+        if position is not None:
+            params["run_after"], params["id"] = position
+        query = _sql.claim_ready(after=position is not None, behind=behind)
+        if self._writes:
+            query += self._writes
+        with map_errors(self._log.redact, f"cannot claim jobs from queue {queue!r}"):
+            conn = await self._pool.acquire(worker=True)
+            try:
+                rows = await (await conn.execute(query, params)).fetchall()
+            finally:
+                await self._pool.release(conn)
+        return [_lease_from_row(row) for row in rows]
+
+    async def claim_expired(
+        self, queue: str, count: int, lease: float, since: datetime | float
+    ) -> tuple[datetime, list[Lease]]:
+        """Lease again up to ``count`` jobs of ``queue`` whose lease expired
+        after ``since`` (``-inf``: ever); returns the database's time of the
+        look, for the next one's ``since``."""
+        params = {
+            "queue": queue,
+            "n": count,
+            "lease": lease,
+            "since": since if not isinstance(since, float) else "-infinity",
+            "error": LOST_ERROR,
+        }
+        with map_errors(self._log.redact, f"cannot claim lost jobs of queue {queue!r}"):
+            conn = await self._pool.acquire(worker=True)
+            try:
+                rows = await (await conn.execute(self._claim_expired, params)).fetchall()
+            finally:
+                await self._pool.release(conn)
+        now: datetime = rows[0][0]
+        return now, [_lease_from_row(row[1:]) for row in rows if row[1] is not None]
+
+    async def complete(self, leases: list[Lease]) -> set[str]:
+        """Mark leased jobs processed, in one statement; returns the ids whose
+        lease held (the others were lost: someone else runs them now)."""
+        return await self._per_lease(self._complete, leases, "cannot record processed jobs")
+
+    async def extend(self, leases: list[Lease], seconds: float) -> set[str]:
+        """The heartbeat: extend leases by ``seconds`` from now; returns the
+        ids whose lease held."""
+        ids = [int(lease.id) for lease in leases]
+        tokens = [lease.token for lease in leases]
+        with map_errors(self._log.redact, "cannot extend leases"):
+            conn = await self._pool.acquire(worker=True)
+            try:
+                cur = await conn.execute(self._extend, (seconds, ids, tokens))
+                rows = await cur.fetchall()
+            finally:
+                await self._pool.release(conn)
+        return {str(row[0]) for row in rows}
+
+    async def release(self, leases: list[Lease]) -> set[str]:
+        """Give back the leases of jobs cut short (shutdown): due again at
+        once, ``retries`` as before the claim. Returns the ids given back."""
+        ids = [int(lease.id) for lease in leases]
+        tokens = [lease.token for lease in leases]
+        retries = [lease.previous_retries for lease in leases]
+        lost = [lease.took_over for lease in leases]
+        with map_errors(self._log.redact, "cannot give back leases"):
+            conn = await self._pool.acquire(worker=True)
+            try:
+                cur = await conn.execute(self._release, (ids, tokens, retries, lost))
+                rows = await cur.fetchall()
+            finally:
+                await self._pool.release(conn)
+        return {str(row[0]) for row in rows}
+
+    async def record(self, lease: Lease, outcome: Outcome) -> bool:
+        """Record a failure or a dead outcome; whether the lease held."""
+        outcome = self._scrubbed(outcome)
+        with map_errors(self._log.redact, f"cannot record job {lease.id}"):
+            conn = await self._pool.acquire(worker=True)
+            try:
+                query = _sql.record_leased(lease.id, lease.token, outcome, conn) + self._writes
+                row = await (await conn.execute(query)).fetchone()
+            finally:
+                await self._pool.release(conn)
+        return row is not None
+
+    async def _per_lease(self, query: str, leases: list[Lease], doing: str) -> set[str]:
+        ids = [int(lease.id) for lease in leases]
+        tokens = [lease.token for lease in leases]
+        with map_errors(self._log.redact, doing):
+            conn = await self._pool.acquire(worker=True)
+            try:
+                rows = await (await conn.execute(query, (ids, tokens))).fetchall()
+            finally:
+                await self._pool.release(conn)
+        return {str(row[0]) for row in rows}
+
+    # -- the job's own transaction (current_transaction() in lease mode) --------------
+
+    async def lock(self, conn: AnyioConnection, lease: Lease, seconds: float) -> None:
+        """Open the job's transaction on ``conn``: lock its row under the lease
+        (extended by ``seconds``).
+
+        Raises:
+            LeaseLostError: the lease was lost; nothing is left open.
+        """
+        query = self._lock.format(lease=repr(float(seconds)), id=int(lease.id), token=lease.token)
+        with map_errors(self._log.redact, f"cannot open job {lease.id}'s transaction"):
+            cur = await conn.execute(query)
+            cur.nextset()
+            row = await cur.fetchone()
+            if row is None:
+                await conn.execute(_sql.ROLLBACK)
+        if row is None:
+            raise LeaseLostError(f"job {lease.id}'s lease was lost: it may run elsewhere now")
+
+    async def complete_locked(self, conn: AnyioConnection, lease: Lease) -> bool:
+        """Mark the job processed in its open transaction on ``conn`` and
+        commit; whether the lease held (it does: the row is locked).
+
+        Raises:
+            DatabaseError: the transaction could not commit (a deferred
+                constraint the handler's writes break, a lost connection);
+                nothing was recorded.
+        """
+        with map_errors(self._log.redact, f"cannot commit job {lease.id}'s transaction"):
+            cur = await conn.execute(_sql.complete_locked(lease.id, lease.token))
+            cur.nextset()
+            cur.nextset()
+            row = await cur.fetchone()
+        return row is not None
+
+    async def record_locked(self, conn: AnyioConnection, lease: Lease, outcome: Outcome) -> bool:
+        """Record a failure or a dead outcome in the job's open transaction on
+        ``conn`` (the handler's writes roll back), and commit; whether the
+        lease held.
+
+        Raises:
+            DatabaseError: the transaction is gone (its session ended);
+                nothing was recorded.
+        """
+        outcome = self._scrubbed(outcome)
+        with map_errors(self._log.redact, f"cannot record job {lease.id}"):
+            cur = await conn.execute(_sql.record_locked(lease.id, lease.token, outcome, conn))
+            cur.nextset()
+            row = await cur.fetchone()
+        return row is not None
+
+    def _scrubbed(self, outcome: Outcome) -> Outcome:
+        if outcome.error is None:
+            return outcome
+        error = self._log.redact(outcome.error)
+        return outcome if error == outcome.error else replace(outcome, error=error)
