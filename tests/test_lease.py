@@ -457,3 +457,30 @@ async def test_cancelling_a_running_job_cancels_its_handler(dsn: str, db: Databa
         ("cancelled",)
     ]
     assert await db.value(f"SELECT count(*) FROM neoq_jobs WHERE id = {int(job_id)}") == 0
+
+
+async def test_job_timeout_and_deadline_in_lease_mode(dsn: str, db: Database) -> None:
+    async def stuck(job: Job) -> None:
+        if job.payload["swallow"]:
+            with anyio.CancelScope(shield=True):  # ignores its cancellation a while
+                await anyio.sleep(0.3)
+            return
+        await anyio.sleep_forever()
+
+    async with backend(dsn) as nq:
+        await nq.start(Handler("slow", stuck, execution="lease", job_timeout=0.2, concurrency=2))
+        stuck_id = await nq.enqueue(Job("slow", {"swallow": False}))
+        swallow_id = await nq.enqueue(Job("slow", {"swallow": True}))
+        late_id = await nq.enqueue(
+            Job("slow", {"swallow": None}, deadline=datetime.now(UTC) - timedelta(seconds=1))
+        )
+        for job_id in (stuck_id, swallow_id):
+            await db.wait_for(_job_row(job_id), lambda s: s == "failed")
+        await db.wait_for(f"SELECT count(*) FROM neoq_dead_jobs WHERE id = {int(late_id)}", bool)
+    for job_id in (stuck_id, swallow_id):
+        [(_, retries, token, error)] = await db.fetch(_job_row(job_id))
+        assert (retries, token) == (0, None)
+        assert error.startswith("JobTimeoutError")
+    assert (
+        await db.value(f"SELECT error FROM neoq_dead_jobs WHERE id = {int(late_id)}")
+    ).startswith("JobDeadlineError")

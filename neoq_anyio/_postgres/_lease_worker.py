@@ -215,6 +215,8 @@ class LeaseWorkers:
                     async with self._claiming:
                         if self.wakeups.stopped:
                             return
+                        if self.wakeups.paused:  # pause_queue(): wait() holds until resumed
+                            break
                         claimed = await self._claim_from_watermark(count)
                 except (DatabaseError, PoolTimeoutError) as exc:
                     errors += 1
@@ -304,7 +306,7 @@ class LeaseWorkers:
         while True:
             await anyio.sleep(interval)
             free = min(self.handler.concurrency - len(self._runs), BATCH)
-            if free <= 0 or self.wakeups.stopped:
+            if free <= 0 or self.wakeups.stopped or self.wakeups.paused:
                 continue
             if anyio.current_time() - last_rescan > _RESCAN:
                 since, last_rescan = -math.inf, anyio.current_time()
@@ -343,15 +345,19 @@ class LeaseWorkers:
         timer = WorkerTimer(self._timeout)
         ready, observer = self._ready, self._observer
         run: _Run | None = None
+        started = False  # whether run's handler was called
         streak = 0
         try:
             while True:
                 with timer.scope() as scope:
                     while True:
+                        started = False
                         if ready:
                             run = ready.popleft()
                         else:
-                            timer.pause()  # idle: nothing to time out
+                            # No timer.pause() while idle: moving a deadline
+                            # costs more than a no-op job. If it fires while
+                            # the worker idles, the worker takes a new scope.
                             if self._closing:
                                 return
                             idle = _Idle()
@@ -372,6 +378,7 @@ class LeaseWorkers:
                         if outcome is None and job.deadline is not None:
                             outcome = refuse_to_run(job, datetime.now(UTC))
                         if outcome is not None:
+                            timer.pause()  # recording is not timed
                             await self._conclude(run, outcome)
                             run = None
                             continue
@@ -379,6 +386,7 @@ class LeaseWorkers:
                             run.observed = observer.job_started(job)
                         tx = run.tx = LazyTransaction(partial(self._open_transaction, run))
                         run.scope = scope
+                        started = True
                         timer.start()
                         exc = await run_handler(self.handler, job, tx)  # type: ignore[arg-type]
                         run.scope = None
@@ -389,7 +397,8 @@ class LeaseWorkers:
                         else:
                             timer.pause()  # recording is not timed
                             broke = self._broke(tx.conn) if tx.conn is not None else None
-                            await self._conclude(run, decide(job, exc or broke))
+                            outcome = decide(job, exc or broke, self.handler.backoff)
+                            await self._conclude(run, outcome)
                         run = None
                         # Let other tasks run now and then, as database round
                         # trips would: a no-op handler never yields by itself.
@@ -397,12 +406,17 @@ class LeaseWorkers:
                         if streak == _STREAK:
                             streak = 0
                             await anyio.lowlevel.checkpoint()
-                if run is not None:  # cut short by its timeout, or its lease was lost
+                if run is not None and not started:
+                    # The timer fired as the run was handed over: run it next.
+                    ready.appendleft(run)
+                    run = None
+                elif run is not None:  # cut short by its timeout, or its lease was lost
                     run.scope = None
                     if run.lost:
                         await self._drop_lost(run)
                     else:
-                        await self._conclude(run, decide(run.lease.job, timer.error()))
+                        outcome = decide(run.lease.job, timer.error(), self.handler.backoff)
+                        await self._conclude(run, outcome)
                     run = None
         except BaseException:
             if run is not None:
@@ -429,7 +443,7 @@ class LeaseWorkers:
         finally:
             await self._close(run)
             self._free_slot(run)
-        if recorded and outcome.kind == "retry":
+        if recorded and outcome.kind in ("retry", "snooze"):  # due again later
             self._on_retry(lease.id, lease.job.queue, outcome.delay)
         await report(
             outcome,
@@ -492,7 +506,9 @@ class LeaseWorkers:
                     try:
                         return outcome, await self._leases.complete_locked(tx.conn, lease)
                     except DatabaseError as exc:
-                        outcome = after_failed_record(lease.job, outcome, exc)
+                        outcome = after_failed_record(
+                            lease.job, outcome, exc, self.handler.backoff
+                        )
                 if self._transaction_open(tx.conn):
                     # Under the row lock: no one takes the job over meanwhile.
                     with contextlib.suppress(DatabaseError):
