@@ -157,15 +157,53 @@ ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS trace_context jsonb;
 ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS lease_token bigint;
 ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS lease_expires_at timestamp with time zone;
 
--- Jobs ready to be claimed, by queue, oldest run_after first: unprocessed and
--- not leased. Keeping processed and leased rows out keeps claims flat as
+-- Jobs ready to be claimed, by queue, in claim order: unprocessed and not
+-- leased. Keeping processed and leased rows out keeps claims flat as
 -- history grows; claims start from where the last one ended (a keyset
 -- "watermark"), so the dead entries completed jobs leave at the head of this
 -- index are not walked again (neoq_anyio/_postgres/_watermark.py).
+--
+-- Among a queue's due jobs, higher priority first (Job(priority=...), a
+-- smallint, 0 by default; Go neoq's INSERTs leave it 0): the index keys on
+-- the priority negated, so one ascending scan runs in claim order.
+ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS priority smallint NOT NULL DEFAULT 0;
+ALTER TABLE neoq_dead_jobs ADD COLUMN IF NOT EXISTS priority smallint;
 CREATE INDEX IF NOT EXISTS neoq_anyio_jobs_ready_idx
-    ON neoq_jobs (queue, run_after, id) WHERE status <> 'processed' AND lease_token IS NULL;
+    ON neoq_jobs (queue, (-priority::integer), run_after, id)
+    WHERE status <> 'processed' AND lease_token IS NULL;
 DROP INDEX IF EXISTS neoq_anyio_jobs_due_idx;
 
 -- Leases by expiry, to find those whose worker was lost.
 CREATE INDEX IF NOT EXISTS neoq_anyio_jobs_lease_idx
     ON neoq_jobs (queue, lease_expires_at) WHERE lease_token IS NOT NULL;
+
+-- Paused queues (pause_queue, resume_queue; neoq_anyio/_postgres/_pauses.py):
+-- no process takes jobs from a queue whose row says paused. A change is
+-- announced on the channel neoq_anyio_queues_v1, and every process re-reads
+-- the paused rows every job_check_interval besides. Go neoq ignores it.
+CREATE TABLE IF NOT EXISTS neoq_anyio_queues (
+    queue text PRIMARY KEY,
+    paused boolean NOT NULL DEFAULT false,
+    changed_at timestamp with time zone NOT NULL DEFAULT now()
+);
+
+-- Global limits of lease-mode queues (Handler(global_concurrency=N,
+-- rate_limit=(n, seconds)); neoq_anyio/_postgres/_limits.py). A slot row is
+-- busy until expires_at, which follows its job's lease: heartbeats extend
+-- both, the job's end frees the slot, and a lost worker's slot expires with
+-- its lease.
+CREATE TABLE IF NOT EXISTS neoq_anyio_slots (
+    queue text NOT NULL,
+    slot integer NOT NULL,
+    job_id bigint,
+    lease_token bigint,
+    expires_at timestamp with time zone,
+    PRIMARY KEY (queue, slot)
+);
+-- Job starts per fixed window of a rate-limited queue: the window's number
+-- (seconds since the epoch, divided by the window's length) and its starts.
+CREATE TABLE IF NOT EXISTS neoq_anyio_rates (
+    queue text PRIMARY KEY,
+    window_no bigint NOT NULL DEFAULT 0,
+    started integer NOT NULL DEFAULT 0
+);

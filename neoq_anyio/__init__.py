@@ -12,6 +12,8 @@ from ._backend import Backend as Backend
 from ._backend import BackendStatistics as BackendStatistics
 from ._context import current_job as current_job
 from ._context import current_transaction as current_transaction
+from ._control import Discard as Discard
+from ._control import Snooze as Snooze
 from ._exceptions import ConfigurationError as ConfigurationError
 from ._exceptions import ConnectionStringError as ConnectionStringError
 from ._exceptions import DatabaseError as DatabaseError
@@ -47,6 +49,7 @@ __all__ = (
     "ConfigurationError",
     "ConnectionStringError",
     "DatabaseError",
+    "Discard",
     "DuplicateJobError",
     "FutureJobQuery",
     "Handler",
@@ -67,6 +70,7 @@ __all__ = (
     "PoolTimeoutError",
     "PostgresBackend",
     "QueueStats",
+    "Snooze",
     "current_job",
     "current_transaction",
     "open_backend",

@@ -388,7 +388,8 @@ class Backend(ABC):
         return await self._delete_job(job_id)
 
     async def queue_stats(self) -> list[QueueStats]:
-        """Every queue that has jobs (dead ones included), by name, with its counts.
+        """Every queue that has jobs (dead ones included) or is paused, by
+        name, with its counts.
 
         Raises:
             DatabaseError: PostgreSQL failed.
@@ -396,6 +397,52 @@ class Backend(ABC):
         """
         self._check_open()
         return await self._queue_stats()
+
+    async def pause_queue(self, queue: str) -> None:
+        """Stop every process from taking jobs of ``queue`` until ``resume_queue``.
+
+        On PostgreSQL the pause is stored in the database: it outlasts
+        restarts, holds for processes started later, and applies whether or
+        not a handler for the queue runs anywhere yet. This process takes no
+        new job of the queue once the call returns; other processes follow
+        at once when they listen for notifications, and within
+        ``job_check_interval`` in any case. A claim already under way as the
+        pause lands may still take its jobs. Jobs running finish normally;
+        ``enqueue`` still adds jobs, which wait. ``neoq_anyio.testing.drain``
+        does not wait for a paused queue. Pausing a paused queue changes
+        nothing.
+
+        Raises:
+            ConfigurationError: the queue name is empty, blank or longer
+                than 63 bytes.
+            PoolTimeoutError: no pooled connection was free within
+                ``connection_timeout`` (PostgreSQL).
+            DatabaseError: PostgreSQL failed.
+            NeoqError: the backend is shut down.
+        """
+        self._check_open()
+        check_queue_name(queue, ConfigurationError)
+        await self._set_paused(queue, paused=True)
+
+    async def resume_queue(self, queue: str) -> None:
+        """Let processes take jobs of a paused ``queue`` again.
+
+        Jobs that came due while it was paused are taken at once, here as
+        soon as the call returns, in other processes as soon as they learn
+        of it (as for ``pause_queue``). Resuming a queue that is not paused
+        changes nothing.
+
+        Raises:
+            ConfigurationError: the queue name is empty, blank or longer
+                than 63 bytes.
+            PoolTimeoutError: no pooled connection was free within
+                ``connection_timeout`` (PostgreSQL).
+            DatabaseError: PostgreSQL failed.
+            NeoqError: the backend is shut down.
+        """
+        self._check_open()
+        check_queue_name(queue, ConfigurationError)
+        await self._set_paused(queue, paused=False)
 
     async def start_cron(
         self, spec: str, handler: Handler, *, timezone: tzinfo | None = None
@@ -560,6 +607,11 @@ class Backend(ABC):
 
     @abstractmethod
     async def _queue_stats(self) -> list[QueueStats]: ...
+
+    @abstractmethod
+    async def _set_paused(self, queue: str, *, paused: bool) -> None:
+        """Pause or resume ``queue`` (a checked name) everywhere; in this
+        process before returning."""
 
     @abstractmethod
     async def _enqueue(self, job: Job, connection: psycopg.AsyncConnection[Any] | None) -> str:

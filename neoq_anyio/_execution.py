@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 
 from ._context import _job, _transaction
+from ._control import Discard, Snooze
 from ._exceptions import JobTimeoutError
 
 if TYPE_CHECKING:
@@ -140,12 +141,16 @@ async def report(
     """Log an outcome, tell the observer, then call the recover callback for a
     handler's error.
 
-    Successes are not logged above DEBUG; failures are logged with their
-    traceback. ``recorded=False`` says the outcome could not be stored, so the
-    job will run again. A recover callback's own errors are logged, never
-    raised. ``observer`` (metrics, tracing) gets ``job_finished`` with
-    ``state``, what its ``job_started`` returned (``None``: the job did not
-    run), after the log line, so that line is written inside the job's span.
+    Successes and snoozes are not logged above DEBUG; a discard is a WARNING
+    without traceback (the handler decided); failures are logged with their
+    traceback, and a handler's ``backoff`` that failed is a WARNING of its
+    own. ``recorded=False`` says the outcome could not be stored, so the job
+    will run again. The recover callback is not called for ``Snooze`` and
+    ``Discard``, which are no errors. A recover callback's own errors are
+    logged, never raised. ``observer`` (metrics, tracing) gets
+    ``job_finished`` with ``state``, what its ``job_started`` returned
+    (``None``: the job did not run), after the log line, so that line is
+    written inside the job's span.
     """
     if observer is not None:
         try:
@@ -156,7 +161,7 @@ async def report(
         _log_outcome(outcome, job, log, recorded)
     if outcome.kind == "processed" or not outcome.ran:
         return
-    if callback is None or outcome.exc is None:
+    if callback is None or outcome.exc is None or isinstance(outcome.exc, Snooze | Discard):
         return
     extra = {"job_id": job.id, "queue": job.queue}
     try:
@@ -168,8 +173,8 @@ async def report(
 
 
 def _log_outcome(outcome: Outcome, job: Job, log: BackendLog, recorded: bool) -> None:
-    """``report``'s log line: DEBUG for a success, WARNING for a job not run,
-    ERROR with the traceback for a failed run."""
+    """``report``'s log line: DEBUG for a success or a snooze, WARNING for a
+    job not run or discarded, ERROR with the traceback for a failed run."""
     if outcome.kind == "processed":
         if log.logger.isEnabledFor(logging.DEBUG):
             extra = {"job_id": job.id, "queue": job.queue}
@@ -178,6 +183,32 @@ def _log_outcome(outcome: Outcome, job: Job, log: BackendLog, recorded: bool) ->
     extra = {"job_id": job.id, "queue": job.queue}
     if not outcome.ran:
         log.warning("job %s on queue %s not run: %s", job.id, job.queue, outcome.exc, extra=extra)
+        return
+    if outcome.backoff_error is not None:
+        _log_broken_backoff(outcome, job, log)
+    then = "not recorded: it will run again"
+    if outcome.kind == "snooze":
+        if not recorded:
+            log.warning("job %s on queue %s snoozed (%s)", job.id, job.queue, then, extra=extra)
+        elif log.logger.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "job %s on queue %s snoozed (due again in %g s)",
+                job.id,
+                job.queue,
+                outcome.delay,
+                extra=extra,
+            )
+        return
+    if isinstance(outcome.exc, Discard):
+        then = "moved to dead jobs" if recorded else then
+        log.warning(
+            "job %s on queue %s discarded by its handler (%s): %s",
+            job.id,
+            job.queue,
+            then,
+            outcome.exc.reason,
+            extra=extra,
+        )
         return
     if log.logger.isEnabledFor(logging.ERROR):
         if not recorded:
@@ -197,6 +228,23 @@ def _log_outcome(outcome: Outcome, job: Job, log: BackendLog, recorded: bool) ->
             extra=extra,
             exc_info=exc_info,
         )
+
+
+def _log_broken_backoff(outcome: Outcome, job: Job, log: BackendLog) -> None:
+    """The handler's ``backoff`` raised or returned no duration: say so, with
+    its traceback, and that Go neoq's backoff stood in."""
+    exc_info, traceback_text = _traceback(outcome.backoff_error, log)
+    log.warning(
+        "job %s on queue %s: the handler's backoff failed (%s); Go neoq's backoff "
+        "(%g s) used instead%s",
+        job.id,
+        job.queue,
+        outcome.backoff_error,
+        outcome.delay,
+        traceback_text,
+        extra={"job_id": job.id, "queue": job.queue},
+        exc_info=exc_info,
+    )
 
 
 def _traceback(exc: BaseException | None, log: BackendLog) -> tuple[BaseException | None, str]:

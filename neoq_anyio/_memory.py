@@ -36,7 +36,7 @@ import anyio.lowlevel
 from ._backend import Backend, BackendStatistics
 from ._batch import encode_batch
 from ._cron import WallClock
-from ._exceptions import DuplicateJobError, NoJobError, NoTransactionError
+from ._exceptions import ConfigurationError, DuplicateJobError, NoJobError, NoTransactionError
 from ._execution import WorkerTimer, report, run_handler
 from ._fingerprint import encode_payload
 from ._models import Job, QueueStats
@@ -99,26 +99,69 @@ class MemoryClock(WallClock):
 
 
 class _Queue:
-    """One queue's due-time heap, idle workers and capacity accounting.
+    """One queue's due-time heap, idle workers, capacity accounting and pause.
 
     Heap entries are ``(due, number, id)``: the job's number breaks ties, so
-    jobs due together run in the order they were enqueued.
+    jobs due together run in the order they were enqueued. The workers of a
+    paused queue stay idle until it is resumed.
     """
 
-    __slots__ = ("capacity", "heap", "idle", "space", "unprocessed")
+    __slots__ = (
+        "capacity",
+        "heap",
+        "idle",
+        "paused",
+        "prioritized",
+        "ready",
+        "space",
+        "unprocessed",
+    )
 
     def __init__(self) -> None:
-        self.heap: list[tuple[float, int, str]] = []
+        self.heap: list[tuple[float, int, str, int]] = []
+        # Due entries, in claim order, once a job of nonzero priority is queued:
+        # ``(-priority, due, number, id)``.
+        self.ready: list[tuple[int, float, int, str]] = []
+        self.prioritized = 0  # entries of a nonzero priority in either heap
         self.idle: deque[anyio.Event] = deque()
         self.unprocessed = 0
         self.capacity: int | None = None
         self.space: deque[anyio.Event] = deque()
+        self.paused = False
 
     def push(self, due: float, job: Job) -> None:
         assert job.id is not None  # a stored job
-        heapq.heappush(self.heap, (due, int(job.id), job.id))
+        heapq.heappush(self.heap, (due, int(job.id), job.id, job.priority))
+        if job.priority:
+            self.prioritized += 1
         if self.idle:
             self.idle.popleft().set()
+
+    def has_due(self, now: float) -> bool:
+        return bool(self.ready) or bool(self.heap and self.heap[0][0] <= now)
+
+    def next_due_in(self, now: float) -> float:
+        """Seconds until the earliest entry is due (0: one is)."""
+        if self.ready:
+            return 0.0
+        return self.heap[0][0] - now if self.heap else math.inf
+
+    def pop_due(self, now: float) -> tuple[float, str]:
+        """The next due entry in claim order: higher priority first, then
+        earlier due, then enqueued first. Only while jobs of a nonzero
+        priority are queued does this sort due entries by priority; the
+        common case costs one heap operation."""
+        heap, ready = self.heap, self.ready
+        if not self.prioritized and not ready:
+            due, _, job_id, _ = heapq.heappop(heap)
+            return due, job_id
+        while heap and heap[0][0] <= now:
+            due, number, job_id, priority = heapq.heappop(heap)
+            heapq.heappush(ready, (-priority, due, number, job_id))
+        negated, due, _, job_id = heapq.heappop(ready)
+        if negated:
+            self.prioritized -= 1
+        return due, job_id
 
     def wake_all(self) -> None:
         while self.idle:
@@ -226,11 +269,17 @@ class MemoryBackend(Backend):
         return stored.id
 
     async def start(self, handler: Handler) -> None:
+        if handler.rate_limit is not None:
+            raise ConfigurationError(
+                f"handler for queue {handler.queue!r}: rate_limit needs the PostgreSQL backend"
+            )
         self._register(handler)
         queue = self._queue(handler.queue)
         queue.capacity = handler.max_queue_capacity
         recover = self._recover_callback(handler)
-        self._spawn_workers(lambda: self._work(queue, handler, recover), handler.concurrency)
+        # One process is the whole fleet here: the global bound is the local one.
+        workers = min(handler.concurrency, handler.global_concurrency or handler.concurrency)
+        self._spawn_workers(lambda: self._work(queue, handler, recover), workers)
         self._log_started(handler)
         await anyio.lowlevel.checkpoint()
 
@@ -355,15 +404,26 @@ class MemoryBackend(Backend):
                 count["failed" if job.status == "failed" else "scheduled"] += 1
         for job in self._dead.values():
             counts.setdefault(job.queue, dict.fromkeys(_COUNTED, 0))["dead"] += 1
+        for name, queue in self._queues.items():
+            if queue.paused:  # listed even before any job came
+                counts.setdefault(name, dict.fromkeys(_COUNTED, 0))
         return [
             QueueStats(
                 queue=name,
                 **count,
                 oldest_due_seconds=(now - oldest[name]).total_seconds() if name in oldest else None,
-                paused=False,
+                paused=name in self._queues and self._queues[name].paused,
             )
             for name, count in sorted(counts.items())
         ]
+
+    async def _set_paused(self, queue: str, *, paused: bool) -> None:
+        await anyio.lowlevel.checkpoint()
+        state = self._queue(queue)
+        was_paused, state.paused = state.paused, paused
+        if was_paused and not paused:
+            state.wake_all()  # to take the jobs that came due meanwhile
+        self._notify_progress()  # drain() no longer waits for a paused queue
 
     def _stale(self, job: Job, due: float) -> bool:
         """Whether a heap entry of a rescheduled job is an old one."""
@@ -400,10 +460,11 @@ class MemoryBackend(Backend):
         """
         self._workers += 1
         self._workers_done = anyio.Event() if self._workers == 1 else self._workers_done
-        heap, clock = queue.heap, self.clock
+        clock = self.clock
         rescheduled, running_ids = self._rescheduled, self._running_ids
         jobs, leases = self._jobs, self._leases
         lease = handler.execution == "lease"
+        backoff = handler.backoff
         timer = WorkerTimer(handler.timeout_seconds)
         running: Job | None = None  # the stored job whose handler runs now
         observer = self._observer
@@ -414,11 +475,12 @@ class MemoryBackend(Backend):
             while not self._stopping:
                 with timer.scope() as scope:
                     while not self._stopping:
-                        if not (heap and heap[0][0] <= clock.monotonic()):
+                        now = clock.monotonic()
+                        if queue.paused or not queue.has_due(now):
                             timer.pause()  # idle: nothing to time out
                             await self._idle_wait(queue)
                             continue
-                        due, _, job_id = heapq.heappop(heap)
+                        due, job_id = queue.pop_due(now)
                         job = jobs.get(job_id)
                         if (
                             job is None
@@ -452,7 +514,7 @@ class MemoryBackend(Backend):
                         running = None
                         if lease:
                             del leases[job_id]
-                        outcome = decide(seen, exc)
+                        outcome = decide(seen, exc, backoff)
                         self._store_outcome(queue, job, outcome)
                         # A success is reported only to whoever listens: the
                         # observer, or a DEBUG log (as PostgreSQL's workers log it).
@@ -484,7 +546,7 @@ class MemoryBackend(Backend):
                         self._cancelling.discard(job.id)
                         self._conclude_cancelled(queue, job, seen, state)
                     else:
-                        outcome = decide(seen, timer.error())
+                        outcome = decide(seen, timer.error(), backoff)
                         await self._conclude(queue, job, seen, outcome, recover, state)
         except BaseException:
             if running is not None:  # cancelled at shutdown: the job stays queued as it was
@@ -509,9 +571,9 @@ class MemoryBackend(Backend):
 
     async def _idle_wait(self, queue: _Queue) -> None:
         """Sleep until the queue's earliest job is due, or a wake-up."""
-        heap = queue.heap
-        # Woken by a new job, advance() or shutdown.
-        await wait_in_line(queue.idle, heap[0][0] - self.clock.monotonic() if heap else math.inf)
+        due = math.inf if queue.paused else queue.next_due_in(self.clock.monotonic())
+        # Woken by a new job, advance(), resume_queue() or shutdown.
+        await wait_in_line(queue.idle, due)
 
     async def _conclude(
         self,
@@ -562,6 +624,12 @@ class MemoryBackend(Backend):
             self._jobs[job.id] = failed
             self._unique[(job.queue, job.fingerprint or "", "failed")] = job.id
             queue.push(self.clock.to_monotonic(run_after), failed)
+        elif outcome.kind == "snooze":  # as it was before the run, due later
+            run_after = now + timedelta(seconds=outcome.delay)
+            snoozed = job._evolve(retries=outcome.retries, run_after=run_after)
+            self._jobs[job.id] = snoozed
+            self._unique[(job.queue, job.fingerprint or "", job.status)] = job.id
+            queue.push(self.clock.to_monotonic(run_after), snoozed)
         else:
             del self._jobs[job.id]
             self._rescheduled.discard(job.id)
@@ -649,7 +717,8 @@ class MemoryBackend(Backend):
         the heaps say; workers pop entries of finished jobs and notify)."""
         now = self.clock.monotonic()
         return any(
-            (heap := self._queues[name].heap) and heap[0][0] <= now for name in self._handlers
+            not (queue := self._queues[name]).paused and queue.has_due(now)
+            for name in self._handlers
         )
 
     async def _stored_jobs(self, queue: str | None, *, dead: bool) -> list[Job]:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio.abc import SocketAttribute
 
+from ._control import Discard
 from ._exceptions import ConfigurationError, DatabaseError, PoolTimeoutError
 from ._observe import Observer
 
@@ -118,10 +119,20 @@ class _Histogram:
 class _Queue:
     """One queue's counts, as jobs are enqueued and run."""
 
-    __slots__ = ("dead", "duration", "enqueued", "failed", "in_flight", "processed", "wait")
+    __slots__ = (
+        "dead",
+        "duration",
+        "enqueued",
+        "failed",
+        "in_flight",
+        "processed",
+        "snoozed",
+        "wait",
+    )
 
     def __init__(self) -> None:
         self.enqueued = self.processed = self.failed = self.dead = self.in_flight = 0
+        self.snoozed = 0
         self.duration = _Histogram(_DURATION_BUCKETS)
         self.wait = _Histogram(_WAIT_BUCKETS)
 
@@ -225,9 +236,10 @@ _COUNTERS = (
     ("neoq_jobs_failed", "Job runs that failed (retried or dead), timeouts included.", "failed"),
     (
         "neoq_jobs_dead",
-        "Jobs moved to the dead jobs (out of retries, or past their deadline).",
+        "Jobs moved to the dead jobs (out of retries, past their deadline, or discarded).",
         "dead",
     ),
+    ("neoq_jobs_snoozed", "Job runs whose handler raised Snooze (due again later).", "snoozed"),
 )
 _HISTOGRAMS = (
     (
@@ -296,7 +308,11 @@ class MetricsObserver(Observer):
         if kind == "processed":
             queue.processed += 1
             return
-        if outcome.ran:
+        if kind == "snooze":  # neither a success nor a failure
+            queue.snoozed += 1
+            return
+        # A discard is the handler's decision, not a failed run: dead only.
+        if outcome.ran and not isinstance(outcome.exc, Discard):
             queue.failed += 1
         if kind == "dead":
             queue.dead += 1

@@ -49,6 +49,7 @@ MAX_QUEUE_NAME_BYTES = 63
 ``pg_notify``, so a job on such a queue could never be announced."""
 
 _MAX_INT4 = 2**31 - 1  # PostgreSQL's integer, the type of max_retries
+_MIN_INT2, _MAX_INT2 = -(2**15), 2**15 - 1  # PostgreSQL's smallint, the type of priority
 _REPR = reprlib.Repr()
 _REPR.maxstring = 40
 
@@ -74,6 +75,8 @@ class Job:
         max_retries: how many times a failed job is retried before it moves
             to ``neoq_dead_jobs``; ``0`` means never retried, ``None`` the
             database default (23).
+        priority: among a queue's due jobs, higher priority runs first, then
+            older ``run_after`` (a smallint: -32768 to 32767; default 0).
 
     Read-only fields (set by the backend): ``id`` (str), ``status``
     (``"new"``, ``"running"``, ``"failed"``, ``"processed"`` or ``"dead"``),
@@ -87,6 +90,7 @@ class Job:
     run_after: datetime | None = field(default=None, kw_only=True)
     deadline: datetime | None = field(default=None, kw_only=True)
     max_retries: int | None = field(default=None, kw_only=True)
+    priority: int = field(default=0, kw_only=True)
     id: str | None = field(default=None, init=False)
     status: JobStatus = field(default="new", init=False)
     retries: int = field(default=0, init=False)
@@ -132,6 +136,7 @@ class Job:
         set_(job, "ran_at", _utc(row["ran_at"]))
         set_(job, "error", row["error"] or None)  # Go neoq stores "" for no error
         set_(job, "created_at", _utc(row["created_at"]))
+        set_(job, "priority", row.get("priority") or 0)
         set_(job, "_trace_context", row.get("trace_context"))
         return job
 
@@ -178,6 +183,7 @@ def job_document(job: Job) -> dict[str, Any]:
         "payload": job.payload,
         "retries": job.retries,
         "max_retries": job.max_retries,
+        "priority": job.priority,
         "run_after": _iso(job.run_after),
         "ran_at": _iso(job.ran_at),
         "created_at": _iso(job.created_at),
@@ -267,6 +273,15 @@ def validate_job(job: Job) -> None:
         value = getattr(job, name)
         if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
             raise InvalidJobError(f"{name} must be a timezone-aware datetime, got {value!r}")
+    priority = job.priority
+    if priority != 0 and (
+        isinstance(priority, bool)
+        or not isinstance(priority, int)
+        or not _MIN_INT2 <= priority <= _MAX_INT2
+    ):
+        raise InvalidJobError(
+            f"priority must be an int from {_MIN_INT2} to {_MAX_INT2}, got {priority!r}"
+        )
     retries = job.max_retries
     if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int)):
         raise InvalidJobError(f"max_retries must be an int or None, got {retries!r}")
@@ -276,6 +291,7 @@ def validate_job(job: Job) -> None:
 
 HandleFunc: TypeAlias = "Callable[[Job], Awaitable[Any]]"
 RecoverCallback: TypeAlias = "Callable[[Job, BaseException], Any]"
+Backoff: TypeAlias = "Callable[[int], float | timedelta]"
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,7 +303,8 @@ class Handler:
             ``""`` with ``start_cron`` derives the queue name from the
             schedule.
         handle: ``async def handle(job: Job) -> None``. Returning marks the
-            job processed; raising marks it failed (and retried with backoff).
+            job processed; raising marks it failed (and retried with backoff),
+            except ``Snooze`` (due again later) and ``Discard`` (dead at once).
         concurrency: at most this many jobs of the queue run at once in this
             process (default 50, as Go neoq). Each job in flight holds a
             pooled connection.
@@ -298,8 +315,8 @@ class Handler:
         max_queue_capacity: accepted for Go neoq parity; the PostgreSQL
             backend ignores it (the table is the queue).
         recover_callback: ``callback(job, exc)``, sync or async, called for
-            every exception the handler raises; replaces the backend's
-            ``recovery_callback``.
+            every exception the handler raises (but ``Snooze`` and
+            ``Discard``); replaces the backend's ``recovery_callback``.
         execution: ``"transaction"`` (default, Go neoq's model: each running
             job holds a pooled connection and its open transaction) or
             ``"lease"`` (jobs are claimed in batches under a lease and run
@@ -308,11 +325,23 @@ class Handler:
             without a heartbeat (default 30 s). Heartbeats extend it while
             the handler runs; a worker that dies loses its jobs' leases
             within this time, and they run again.
+        global_concurrency: lease mode: at most this many jobs of the queue
+            run at once across every process (``None``: no such bound).
+        rate_limit: lease mode: ``(starts, seconds)``: at most ``starts``
+            jobs of the queue start in each window of ``seconds`` (windows
+            aligned on the database's clock), across every process.
+        backoff: ``backoff(retries) -> seconds`` (or a ``timedelta``): the
+            delay before a failed job runs again, replacing Go neoq's
+            ``retries**4 + 15 + rand(0..29) * retries + 1``. ``retries`` is
+            the failed run's count, as Go neoq's formula takes it: 0 after a
+            job's first failure, 1 after its second... A plain function, run
+            in the event loop: keep it quick. One that raises or returns no
+            duration is logged, and Go neoq's backoff used for that retry.
 
     Raises:
         ConfigurationError: a blank or too long queue name, a non-positive
-            concurrency, a negative timeout, or a ``handle`` that is not an
-            async callable.
+            concurrency, a negative timeout, a ``handle`` that is not an
+            async callable, or a ``backoff`` that is not a plain callable.
     """
 
     queue: str
@@ -323,6 +352,9 @@ class Handler:
     recover_callback: RecoverCallback | None = None
     execution: Execution = "transaction"
     lease_duration: float | timedelta = DEFAULT_LEASE_DURATION
+    backoff: Backoff | None = None
+    global_concurrency: int | None = None
+    rate_limit: tuple[int, float | timedelta] | None = None
 
     def __post_init__(self) -> None:
         if self.queue != "":  # "" is start_cron's "derive it"; start() refuses it
@@ -347,6 +379,48 @@ class Handler:
                 f"execution must be 'transaction' or 'lease', got {self.execution!r}"
             )
         _ = self.lease_seconds  # validates lease_duration
+        if self.backoff is not None and (
+            not callable(self.backoff) or _is_async_callable(self.backoff)
+        ):
+            raise ConfigurationError(
+                "backoff must be a plain function from the retry count to seconds "
+                f"(not async), got {self.backoff!r}"
+            )
+
+        self._check_limits()
+
+    def _check_limits(self) -> None:
+        limit = self.global_concurrency
+        if limit is not None and (
+            isinstance(limit, bool) or not isinstance(limit, int) or limit < 1
+        ):
+            raise ConfigurationError(f"global_concurrency must be a positive int, got {limit!r}")
+        if self.rate_limit is not None:
+            _ = self.rate_window  # validates rate_limit
+        if (limit is not None or self.rate_limit is not None) and self.execution != "lease":
+            raise ConfigurationError(
+                "global_concurrency and rate_limit need lease mode: Handler(..., execution='lease')"
+            )
+
+    @property
+    def rate_window(self) -> tuple[int, float] | None:
+        """``rate_limit`` as (starts, seconds); ``None`` without a rate limit.
+
+        Raises:
+            ConfigurationError: ``rate_limit`` is not a pair of a positive int
+                and a positive duration.
+        """
+        if self.rate_limit is None:
+            return None
+        try:
+            starts, per = self.rate_limit
+        except (TypeError, ValueError):
+            raise ConfigurationError(
+                f"rate_limit must be a pair (starts, seconds), got {self.rate_limit!r}"
+            ) from None
+        if isinstance(starts, bool) or not isinstance(starts, int) or starts < 1:
+            raise ConfigurationError(f"rate_limit's starts must be a positive int, got {starts!r}")
+        return starts, to_seconds(per, name="rate_limit's window", allow_zero=False)
 
     @property
     def lease_seconds(self) -> float:

@@ -63,7 +63,9 @@ class Observer:
 
     def job_finished(self, job: Job, outcome: Outcome, state: Any) -> None:
         """``job``'s run led to ``outcome``; ``state`` is ``job_started``'s, or
-        ``None`` for a job refused unrun (its deadline passed)."""
+        ``None`` for a job refused unrun (its deadline passed). A snooze
+        (``outcome.kind == "snooze"``) is neither a success nor a failure; a
+        discard is a ``dead`` outcome whose ``exc`` is the ``Discard``."""
 
     def job_abandoned(self, job: Job, state: Any) -> None:
         """``job``'s run was cancelled (shutdown): no outcome, it stays queued."""

@@ -7,6 +7,11 @@ stores the ``Outcome`` its own way (SQL, or a dict), and ``report``s it
 (``neoq_anyio._execution``), which logs the same lines for every backend. No
 I/O here, so the rules (Go neoq's retry counting, backoff and dead jobs) are
 tested without a database.
+
+A handler steers its job with ``Snooze`` (outcome ``snooze``: due again
+later, as it was) or ``Discard`` (outcome ``dead``), and a ``Handler``'s
+``backoff`` replaces Go neoq's delay before a retry; all three are decided
+here, so every worker only stores the outcome's kind.
 """
 
 from __future__ import annotations
@@ -15,12 +20,14 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
-from ._exceptions import JobDeadlineError
+from ._control import MAX_DELAY_SECONDS, Discard, Snooze
+from ._durations import to_seconds
+from ._exceptions import ConfigurationError, JobDeadlineError
 
 if TYPE_CHECKING:
     from datetime import datetime
 
-    from ._models import Job
+    from ._models import Backoff, Job
 
 __all__ = [
     "Outcome",
@@ -29,8 +36,10 @@ __all__ = [
     "backoff_seconds",
     "decide",
     "describe_error",
+    "handler_backoff",
     "hold_back_seconds",
     "refuse_to_run",
+    "steered",
     "storable_text",
 ]
 
@@ -87,21 +96,28 @@ class Outcome:
 
     Attributes:
         kind: ``processed``; ``retry`` (failed, due again in ``delay`` s);
-            or ``dead`` (moved to the dead jobs).
+            ``snooze`` (the handler raised ``Snooze``: due again in ``delay``
+            s, its status and ``error`` as they were); or ``dead`` (moved to
+            the dead jobs).
         retries: the job's ``retries`` to store.
-        error: the text for the ``error`` column (``None`` when processed).
-        delay: seconds until a retry is due.
+        error: the text for the ``error`` column (``None`` when processed,
+            and for a snooze, which leaves the column as it was).
+        delay: seconds until a retry or a snoozed job is due.
         exc: what the handler raised (or why the job was not run), for the
             recover callback and the log.
         ran: whether the handler ran (``False`` for a job past its deadline).
+        backoff_error: why the handler's ``backoff`` could not give the
+            retry's delay (it raised, or returned no duration), when Go
+            neoq's backoff was used instead; for the log.
     """
 
-    kind: Literal["processed", "retry", "dead"]
+    kind: Literal["processed", "retry", "snooze", "dead"]
     retries: int
     error: str | None = None
     delay: float = 0.0
     exc: BaseException | None = None
     ran: bool = True
+    backoff_error: BaseException | None = None
 
 
 _PROCESSED_FIRST_RUN: Outcome = Outcome("processed", 0)
@@ -124,33 +140,90 @@ def refuse_to_run(job: Job, now: datetime) -> Outcome | None:
     return Outcome("dead", job.retries, describe_error(late), exc=late, ran=False)
 
 
-def decide(job: Job, exc: BaseException | None) -> Outcome:
+def decide(job: Job, exc: BaseException | None, backoff: Backoff | None = None) -> Outcome:
     """The outcome of a run of ``job`` (as returned by ``as_run``) that raised ``exc``.
 
-    Success marks the job processed. A failure when ``retries`` already
-    equals ``max_retries`` moves the job to the dead jobs; ``max_retries=None``
-    (a NULL column, as Go neoq may write) never does. Any other failure is
-    retried after ``backoff_seconds``.
+    Success marks the job processed. ``Snooze`` makes it due again after the
+    snooze's delay, with the ``retries`` it had before this run (``as_run``
+    counted the run; a snoozed run is not a retry). ``Discard`` moves it to
+    the dead jobs at once. A failure when ``retries`` already equals
+    ``max_retries`` moves the job to the dead jobs; ``max_retries=None`` (a
+    NULL column, as Go neoq may write) never does. Any other failure is
+    retried after ``backoff(retries)`` (``handler_backoff``), or Go neoq's
+    ``backoff_seconds(retries)`` without one: ``retries`` is the failed
+    run's, 0 for a job's first failure.
     """
     retries = job.retries
     if exc is None:
         # Shared for the common case: building one costs more than a no-op job.
         return _PROCESSED_FIRST_RUN if retries == 0 else Outcome("processed", retries)
+    signal = steered(exc)
+    if isinstance(signal, Snooze):
+        return Outcome("snooze", _stored_retries(job), delay=signal.seconds, exc=signal)
+    if signal is not None:
+        return Outcome("dead", retries, describe_error(signal), exc=signal)
     error = describe_error(exc)
     if job.max_retries is not None and retries >= job.max_retries:
         return Outcome("dead", retries, error, exc=exc)
-    return Outcome("retry", retries, error, delay=backoff_seconds(retries), exc=exc)
+    if backoff is None:
+        return Outcome("retry", retries, error, delay=backoff_seconds(retries), exc=exc)
+    delay, broken = handler_backoff(backoff, retries)
+    return Outcome("retry", retries, error, delay=delay, exc=exc, backoff_error=broken)
 
 
-def after_failed_record(job: Job, outcome: Outcome, error: BaseException) -> Outcome:
+def steered(exc: BaseException) -> Snooze | Discard | None:
+    """The ``Snooze`` or ``Discard`` a handler raised, if ``exc`` is one.
+
+    Also found inside exception groups holding nothing else (a handler's
+    task group wraps what its child task raised): a group of one, of one...
+    Anything else alongside it makes the run a plain failure.
+    """
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, Snooze | Discard) else None
+
+
+def _stored_retries(job: Job) -> int:
+    """``retries`` to store for a snoozed run of ``job`` (as ``as_run`` gave
+    it): as before the run, which ``as_run`` counted for a failed job, so the
+    snoozed run is not a retry. (A lease-mode claim counts as ``as_run``
+    does; one that took over a lost lease counted that lost attempt as well,
+    and it stays counted, new job or failed.)"""
+    return job.retries - 1 if job.status == "failed" else job.retries
+
+
+def handler_backoff(backoff: Backoff, retries: int) -> tuple[float, BaseException | None]:
+    """Seconds before a retry, from a handler's ``backoff`` given the failed
+    run's ``retries``; and why it could not say, if it could not.
+
+    A backoff that raises, or returns anything but a non-negative duration
+    (seconds or ``timedelta``) up to 100 years, must not lose the job: Go
+    neoq's ``backoff_seconds`` is used instead, and the reason returned for
+    the log.
+    """
+    try:
+        delay = to_seconds(backoff(retries), name="the handler's backoff")
+        if delay > MAX_DELAY_SECONDS:
+            raise ConfigurationError(
+                f"the handler's backoff must be at most 100 years, got {delay:g}"
+            )
+    except Exception as exc:
+        return float(backoff_seconds(retries)), exc
+    return delay, None
+
+
+def after_failed_record(
+    job: Job, outcome: Outcome, error: BaseException, backoff: Backoff | None = None
+) -> Outcome:
     """What to record in a new transaction when the job's own transaction could
     not record ``outcome`` for ``job`` (as run), failing with ``error``.
 
     That transaction is gone, and the handler's writes with it, so a run that
     succeeded is a failure now, with ``error``'s text: the run counts, and
-    backoff applies. A failure, or a job refused unrun, keeps its outcome.
+    backoff (the handler's ``backoff``, if any) applies. A failure, a snooze,
+    a discard, or a job refused unrun keeps its outcome.
     """
-    return decide(job, error) if outcome.kind == "processed" else outcome
+    return decide(job, error, backoff) if outcome.kind == "processed" else outcome
 
 
 def hold_back_seconds(failures: int) -> float:

@@ -11,6 +11,12 @@ Each span is made current in the task that enqueues or runs the job, from
 the hook that starts it to the one that ends it (``_observe``): spans opened
 by a handler are children of its job's span. Only the API package is needed
 here; what exports the spans is the application's SDK setup.
+
+A job's span says how the run ended in ``neoq.job.outcome`` (``processed``,
+``retry``, ``snooze``, ``dead``); failures set the span's status to ERROR
+with the exception recorded. A ``Snooze`` or a ``Discard`` is the handler's
+decision, not an error: no ERROR status (``neoq.job.snooze_seconds``, or
+``neoq.job.discarded``, say which).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+from ._control import Discard
 from ._exceptions import ConfigurationError
 from ._observe import Observer
 
@@ -139,9 +146,14 @@ class TracingObserver(Observer):
             self._context.detach(token)
         span.set_attribute("neoq.job.outcome", outcome.kind)
         if outcome.kind != "processed":
-            if outcome.exc is not None:
-                span.record_exception(outcome.exc)
-            span.set_status(self._error, outcome.error)
+            if outcome.kind == "snooze":  # not an error: due again later
+                span.set_attribute("neoq.job.snooze_seconds", outcome.delay)
+            elif isinstance(outcome.exc, Discard):  # the handler's decision, not an error
+                span.set_attribute("neoq.job.discarded", True)
+            else:
+                if outcome.exc is not None:
+                    span.record_exception(outcome.exc)
+                span.set_status(self._error, outcome.error)
         span.end()
 
     def job_abandoned(self, job: Job, state: Any) -> None:

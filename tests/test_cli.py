@@ -169,7 +169,7 @@ def test_help_names_every_command() -> None:
         timeout=30,
         check=True,
     )
-    for command in ("worker", "migrate", "enqueue", "stats", "jobs", "prune"):
+    for command in ("worker", "migrate", "enqueue", "stats", "jobs", "queues", "prune"):
         assert command in result.stdout
 
 
@@ -225,6 +225,7 @@ async def test_jobs_commands_manage_jobs_as_json(dsn: str) -> None:
         "payload",
         "retries",
         "max_retries",
+        "priority",
         "run_after",
         "ran_at",
         "created_at",

@@ -15,7 +15,7 @@ import click
 
 from neoq_anyio._exceptions import NeoqError
 
-from . import _commands, _dashboard, _jobs  # noqa: F401 - they register their commands
+from . import _commands, _dashboard, _jobs, _queues  # noqa: F401 - they register their commands
 from ._base import Failure, cli
 
 if TYPE_CHECKING:

@@ -15,6 +15,8 @@ from neoq_anyio._open import lone_exception
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
+    from neoq_anyio._backend import Backend
+
 
 __all__ = [
     "Failure",
@@ -28,6 +30,7 @@ __all__ = [
     "require_dsn",
     "run",
     "usage",
+    "with_backend",
 ]
 
 _LOOPS = ("asyncio", "trio")
@@ -124,6 +127,22 @@ def run(function: Callable[[], Awaitable[Any]], loop: str = "asyncio") -> Any:
         if lone is None:
             raise
         raise lone from None
+
+
+def with_backend(dsn: str | None, action: Callable[[Backend], Awaitable[Any]]) -> Any:
+    """Open the backend at ``dsn`` (with the command's pooler options), run
+    ``action(nq)`` on it, and return what it returns."""
+    from neoq_anyio._open import open_backend
+
+    checked = require_dsn(dsn)
+    options = backend_options()
+
+    async def go() -> Any:
+        # No background pruning in a short-lived command (prune runs its own pass).
+        async with open_backend(checked, keep_processed=None, keep_dead=None, **options) as nq:
+            return await action(nq)
+
+    return run(go)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -3,45 +3,28 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, cast
 
 import click
 
 from neoq_anyio._durations import DurationSyntaxError, parse_go_duration
-from neoq_anyio._open import DEFAULT_KEEP_DEAD, DEFAULT_KEEP_PROCESSED, open_backend
+from neoq_anyio._open import DEFAULT_KEEP_DEAD, DEFAULT_KEEP_PROCESSED
 
 from ._base import (
     Failure,
-    backend_options,
     cli,
     dsn_option,
     echo_json,
     job_document,
     json_option,
-    require_dsn,
-    run,
     usage,
+    with_backend,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
-
-    from neoq_anyio._backend import Backend
     from neoq_anyio._models import Job, JobStatus
 
 _STATUSES = ("new", "running", "failed", "processed", "dead")
-
-
-def _with_backend(dsn: str | None, action: Callable[[Backend], Awaitable[Any]]) -> Any:
-    checked = require_dsn(dsn)
-    options = backend_options()
-
-    async def go() -> Any:
-        # No background pruning in a short-lived command (prune runs its own pass).
-        async with open_backend(checked, keep_processed=None, keep_dead=None, **options) as nq:
-            return await action(nq)
-
-    return run(go)
 
 
 def _show(job: Job, as_json: bool) -> None:
@@ -57,7 +40,7 @@ def _show(job: Job, as_json: bool) -> None:
 @json_option
 def stats(dsn: str | None, as_json: bool) -> None:
     """Per queue: jobs due, scheduled, running, failed, processed, dead."""
-    queues = _with_backend(dsn, lambda nq: nq.queue_stats())
+    queues = with_backend(dsn, lambda nq: nq.queue_stats())
     if as_json:
         echo_json([dataclasses.asdict(q) for q in queues])
         return
@@ -86,7 +69,7 @@ def list_(
     dsn: str | None, queue: str | None, status: str | None, limit: int, as_json: bool
 ) -> None:
     """Jobs, newest first: all statuses, dead included, unless filtered."""
-    found = _with_backend(
+    found = with_backend(
         dsn,
         lambda nq: nq.list_jobs(queue=queue, status=cast("JobStatus | None", status), limit=limit),
     )
@@ -104,7 +87,7 @@ def list_(
 @json_option
 def show(job_id: str, dsn: str | None, as_json: bool) -> None:
     """Show a job, live or dead."""
-    job = _with_backend(dsn, lambda nq: nq.get_job(job_id))
+    job = with_backend(dsn, lambda nq: nq.get_job(job_id))
     if job is None:
         raise Failure(f"no job {job_id}")
     _show(job, as_json)
@@ -116,7 +99,7 @@ def show(job_id: str, dsn: str | None, as_json: bool) -> None:
 @json_option
 def retry(job_id: str, dsn: str | None, as_json: bool) -> None:
     """Make a dead job, or a failed one waiting for its retry, due now (it keeps its id)."""
-    _show(_with_backend(dsn, lambda nq: nq.retry_job(job_id)), as_json)
+    _show(with_backend(dsn, lambda nq: nq.retry_job(job_id)), as_json)
 
 
 @jobs.command()
@@ -125,7 +108,7 @@ def retry(job_id: str, dsn: str | None, as_json: bool) -> None:
 @json_option
 def cancel(job_id: str, dsn: str | None, as_json: bool) -> None:
     """Move a job not yet processed to the dead jobs, with the error "cancelled"."""
-    if not _with_backend(dsn, lambda nq: nq.cancel_job(job_id)):
+    if not with_backend(dsn, lambda nq: nq.cancel_job(job_id)):
         raise Failure(f"job {job_id} cannot be cancelled: unknown, processed, dead or running")
     if as_json:
         echo_json({"id": job_id, "cancelled": True})
@@ -139,7 +122,7 @@ def cancel(job_id: str, dsn: str | None, as_json: bool) -> None:
 @json_option
 def delete(job_id: str, dsn: str | None, as_json: bool) -> None:
     """Delete a job, live or dead."""
-    if not _with_backend(dsn, lambda nq: nq.delete_job(job_id)):
+    if not with_backend(dsn, lambda nq: nq.delete_job(job_id)):
         raise Failure(f"no job {job_id} to delete (unknown, or running)")
     if as_json:
         echo_json({"id": job_id, "deleted": True})
@@ -172,7 +155,7 @@ def _duration(text: str | None) -> float | None:
 def prune(dsn: str | None, older_than: str | None, as_json: bool) -> None:
     """Delete old processed jobs (by when they ran) and dead jobs (by when they died)."""
     age = _duration(older_than)
-    processed, dead = _with_backend(
+    processed, dead = with_backend(
         dsn,
         lambda nq: nq._prune(
             processed_age=DEFAULT_KEEP_PROCESSED if age is None else age,

@@ -1,5 +1,5 @@
 """The management API's and retention's queries: get, list, retry, cancel,
-delete, count and prune jobs.
+delete, count and prune jobs; pause and resume queues.
 
 Kept apart from ``_store.py`` (the workers' hot path): these serve operators,
 the command line and the dashboard. Like the store, every method runs its
@@ -120,13 +120,15 @@ class JobAdmin:
                 row = await (await conn.execute(_sql.DELETE_JOB, {"id": number})).fetchone()
         return bool(row and row[0])
 
-    async def queue_stats(self, paused: frozenset[str] = frozenset()) -> list[QueueStats]:
+    async def queue_stats(self) -> list[QueueStats]:
+        """Every queue with jobs, live or dead, or paused, by name."""
         with map_errors(self._log.redact, "cannot count jobs"):
             async with self._pool.connection() as conn:
                 live = await (await conn.execute(_sql.QUEUE_STATS)).fetchall()
                 dead: dict[str, int] = dict(
                     await (await conn.execute(_sql.DEAD_BY_QUEUE)).fetchall()
                 )
+                paused = await _paused_on(conn)
         stats = {
             queue: QueueStats(
                 queue,
@@ -144,7 +146,25 @@ class JobAdmin:
         for queue, count in dead.items():
             if queue not in stats:
                 stats[queue] = QueueStats(queue, 0, 0, 0, 0, 0, count, None, queue in paused)
+        for queue in paused - stats.keys():  # paused before any job came
+            stats[queue] = QueueStats(queue, 0, 0, 0, 0, 0, 0, None, True)
         return [stats[queue] for queue in sorted(stats)]
+
+    async def set_paused(self, queue: str, paused: bool) -> bool:
+        """Pause or resume ``queue`` and announce it to every listening
+        process; whether that changed anything."""
+        statement = _sql.PAUSE_QUEUE if paused else _sql.RESUME_QUEUE
+        verb = "pause" if paused else "resume"
+        with map_errors(self._log.redact, f"cannot {verb} queue {queue!r}"):
+            async with self._pool.connection() as conn:
+                row = await (await conn.execute(statement, {"queue": queue})).fetchone()
+        return row is not None
+
+    async def paused_queues(self) -> frozenset[str]:
+        """The queues paused now."""
+        with map_errors(self._log.redact, "cannot read the paused queues"):
+            async with self._pool.connection() as conn:
+                return await _paused_on(conn)
 
     async def prune(
         self, *, processed_age: float | None, dead_age: float | None
@@ -176,6 +196,11 @@ class JobAdmin:
             if batch < _PRUNE_BATCH:
                 return deleted
             await anyio.sleep(_PRUNE_PAUSE)
+
+
+async def _paused_on(conn: AnyioConnection) -> frozenset[str]:
+    rows = await (await conn.execute(_sql.PAUSED_QUEUES)).fetchall()
+    return frozenset(queue for (queue,) in rows)
 
 
 def _duplicate(job_id: str) -> DuplicateJobError:

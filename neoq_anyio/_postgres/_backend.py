@@ -2,11 +2,11 @@
 schedulers and the queues' workers together.
 
 Background services (pool maintenance, the LISTEN listener, the future-job
-scheduler, the pending-job poller) and the queues' workers all run in the
-task group ``open_backend`` opens; setup that can fail (connect, create the
-database, migrate, LISTEN) runs before the caller's block (``_prepare``, then
-services started through ``TaskGroup.start``), so failures raise from
-``async with``.
+scheduler, the pending-job poller, the paused-queue reader) and the queues'
+workers all run in the task group ``open_backend`` opens; setup that can
+fail (connect, create the database, migrate, LISTEN) runs before the
+caller's block (``_prepare``, then services started through
+``TaskGroup.start``), so failures raise from ``async with``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,9 @@ from ._admin import JobAdmin
 from ._enqueue_many import BatchEnqueuer
 from ._lazy_transaction import LazyTransaction
 from ._lease_worker import LeaseWorkers
-from ._leases import LeaseStore
+from ._leases import LeaseStore, limits_of
 from ._listener import Listener
+from ._pauses import PausedQueues
 from ._scheduler import FutureJobs, PendingJobs
 from ._schema import prepare_database
 from ._sessions import plan_sessions
@@ -127,6 +128,11 @@ class PostgresBackend(Backend):
         if self._polling:  # no notifications: the poller is the wake-up
             pending_interval = min(pending_interval, options.job_check_interval)
         self._pending = PendingJobs(self._store, wakeups, interval=pending_interval, log=self._log)
+        self._pauses = PausedQueues(
+            self._admin, wakeups, interval=options.job_check_interval, log=self._log
+        )
+        self._following_pauses = False
+        self._pauses_started = anyio.Lock()
 
     async def _enqueue(self, job: Job, connection: psycopg.AsyncConnection[Any] | None) -> str:
         if isinstance(connection, LazyTransaction):  # a lease-mode job's: open it now
@@ -172,6 +178,8 @@ class PostgresBackend(Backend):
         return ids
 
     async def start(self, handler: Handler) -> None:
+        self._check_open()
+        await self._follow_pauses()
         self._register(handler)
         self._size_pool(handler)
         workers: QueueWorkers | LeaseWorkers
@@ -189,6 +197,9 @@ class PostgresBackend(Backend):
                 observer=self._observer,
             )
             claimers = 1  # it runs the jobs in tasks of its own
+            limits = limits_of(handler)
+            if limits is not None:
+                await self._leases.ensure_limits(handler.queue, limits)
         else:
             workers = QueueWorkers(
                 handler,
@@ -202,6 +213,7 @@ class PostgresBackend(Backend):
             claimers = handler.concurrency
         self._wakeups[handler.queue] = workers.wakeups
         self._workers[handler.queue] = workers
+        self._pauses.attach(handler.queue)
         self._spawn_workers(workers.work, claimers)
         await self._listen(handler.queue)
         self._future.rescan()
@@ -229,6 +241,21 @@ class PostgresBackend(Backend):
 
     async def _queue_stats(self) -> list[QueueStats]:
         return await self._admin.queue_stats()
+
+    async def _set_paused(self, queue: str, *, paused: bool) -> None:
+        await self._pauses.set(queue, paused=paused)
+
+    async def _follow_pauses(self) -> None:
+        """From the first ``start`` on, follow the paused queues: LISTEN to
+        their announcements first, so no change falls between that and the
+        first read, then read them now and periodically (``_pauses``). A
+        process that only enqueues does neither."""
+        async with self._pauses_started:
+            if self._following_pauses:
+                return
+            await self._listen(_sql.QUEUES_CHANNEL)
+            await self._task_group.start(self._run_service, self._pauses.run)
+            self._following_pauses = True
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AnyioConnection]:
@@ -336,8 +363,8 @@ class PostgresBackend(Backend):
         self._pool.close()
 
     async def _wait_drained(self) -> None:
-        queues = list(self._wakeups)
         while True:  # polling: the database announces no "queue empty" event
+            queues = [queue for queue, wakeups in self._wakeups.items() if not wakeups.paused]
             if not (await self._store.count_due(queues) or self.statistics().jobs_in_flight):
                 return
             await anyio.sleep(_DRAIN_POLL)
@@ -378,10 +405,13 @@ class PostgresBackend(Backend):
             wakeups.hint()
 
     def _on_notify(self, channel: str, payload: str) -> None:
+        if channel == _sql.QUEUES_CHANNEL:  # a queue was paused or resumed
+            self._pauses.refresh()
         wakeups = self._wakeups.get(channel)
         if wakeups is not None and payload != "-1":  # Go neoq announces shutdown with -1
             wakeups.hint()
 
     def _on_reconnect(self) -> None:
+        self._pauses.refresh()  # announcements may have been missed too
         self._pending.poke()
         self._future.rescan()

@@ -36,9 +36,9 @@ DEFAULT_MAX_RETRIES: Final = 23
 
 
 def insert_jobs(*, notify: bool) -> str:
-    """The INSERT for a batch: seven arrays, one per column, in the jobs' order
+    """The INSERT for a batch: eight arrays, one per column, in the jobs' order
     (queue, fingerprint, payload as JSON text, run_after, deadline,
-    max_retries, trace_context as JSON text; NULL for "not given").
+    max_retries, trace_context as JSON text, priority; NULL for "not given").
 
     Returns each stored job's ``id, queue, fingerprint``. ``notify``
     announces the due ones explicitly, for sessions whose TimeZone is not UTC
@@ -49,13 +49,14 @@ def insert_jobs(*, notify: bool) -> str:
     )
     return (
         "INSERT INTO neoq_jobs "
-        "(queue, fingerprint, payload, run_after, deadline, max_retries, trace_context) "
+        "(queue, fingerprint, payload, run_after, deadline, max_retries, trace_context, "
+        "priority) "
         "SELECT queue, fingerprint, payload::jsonb, coalesce(run_after, now()), deadline, "
-        f"coalesce(max_retries, {DEFAULT_MAX_RETRIES}), trace_context::jsonb "
+        f"coalesce(max_retries, {DEFAULT_MAX_RETRIES}), trace_context::jsonb, priority "
         "FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], "
-        "%s::timestamptz[], %s::int4[], %s::text[]) WITH ORDINALITY "
+        "%s::timestamptz[], %s::int4[], %s::text[], %s::int2[]) WITH ORDINALITY "
         "AS batch (queue, fingerprint, payload, run_after, deadline, max_retries, "
-        "trace_context, position) "
+        "trace_context, priority, position) "
         "ORDER BY position "
         f"ON CONFLICT DO NOTHING RETURNING id, queue, fingerprint{announce}"
     )
@@ -94,8 +95,10 @@ class BatchEnqueuer:
         """
         encoded = encode_batch(jobs)
         first: dict[tuple[str, str], int] = {}  # (queue, fingerprint): the job to store
-        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [])
-        queues, fingerprints, payloads, run_afters, deadlines, max_retries, traces = columns
+        columns: tuple[list[Any], ...] = ([], [], [], [], [], [], [], [])
+        queues, fingerprints, payloads, run_afters, deadlines, max_retries, traces, priorities = (
+            columns
+        )
         for index, (job, (payload, fingerprint)) in enumerate(zip(jobs, encoded, strict=True)):
             key = (job.queue, fingerprint)
             if key in first:
@@ -109,6 +112,7 @@ class BatchEnqueuer:
             max_retries.append(job.max_retries)
             traced = job._trace_context
             traces.append(None if traced is None else json.dumps(traced))
+            priorities.append(job.priority)
         query = _INSERT_JOBS[notify_due]
         with map_errors(self._log.redact, f"cannot enqueue {len(jobs)} jobs"):
             if connection is None:

@@ -40,6 +40,7 @@ from neoq_anyio._execution import WorkerTimer, report, run_handler
 from neoq_anyio._outcome import after_failed_record, decide, refuse_to_run
 
 from ._lazy_transaction import LazyTransaction
+from ._leases import limits_of
 from ._wakeups import Wake, Wakeups
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ _MAX_ERROR_PAUSE = 30.0
 _RESCAN = 60.0  # seconds between looks at every expired lease, not just the newest
 _SINCE_SLACK = 2.0  # seconds the rescuer looks back past its last look
 _STREAK = 8  # jobs a worker runs back to back before it yields to the loop
+_LIMIT_POLL = 0.05  # seconds before a claim held back by global_concurrency tries again
 _BEAT_RETRY = 0.5  # seconds before a failed heartbeat is tried again
 _FINAL_WRITES = 5.0  # seconds shutdown may spend writing acknowledgements and releases
 
@@ -157,6 +159,8 @@ class LeaseWorkers:
         self._cut_short: list[Lease] = []  # cancelled by shutdown: leases to give back
         self._finished = anyio.Event()
         self._sweeps_seen = 0
+        self._limits = limits_of(handler)
+        self._limited_at = datetime.now(UTC)  # the database's time of the last limited claim
 
     @property
     def in_flight(self) -> int:
@@ -217,7 +221,7 @@ class LeaseWorkers:
                             return
                         if self.wakeups.paused:  # pause_queue(): wait() holds until resumed
                             break
-                        claimed = await self._claim_from_watermark(count)
+                        claimed, wait = await self._claim_from_watermark(count)
                 except (DatabaseError, PoolTimeoutError) as exc:
                     errors += 1
                     pause = min(_ERROR_PAUSE * 2 ** min(errors - 1, 10), _MAX_ERROR_PAUSE)
@@ -231,6 +235,9 @@ class LeaseWorkers:
                     self.wakeups.retry()
                     break
                 errors = 0
+                if wait is not None:  # a global limit held it back: not an empty queue
+                    await self.wakeups.rest(wait)
+                    continue
                 if len(claimed) < count:
                     self.wakeups.found_nothing(mark)
                     break
@@ -238,9 +245,13 @@ class LeaseWorkers:
                 # so each claim leases many jobs.
                 wanted = max(1, min(BATCH, self.handler.concurrency) // 4)
 
-    async def _claim_from_watermark(self, count: int) -> list[Lease]:
+    async def _claim_from_watermark(self, count: int) -> tuple[list[Lease], float | None]:
         """Lease up to ``count`` jobs after the watermark and start them, then,
-        if too few were ahead of it, behind it (see ``_watermark``)."""
+        if too few were ahead of it, behind it (see ``_watermark``). Returns
+        them, and, if a global limit held the claim back, how long to wait
+        before the next."""
+        if self._limits is not None:
+            return await self._claim_limited(count)
         queue, watermark = self.handler.queue, self._watermark
         position = watermark.position
         claimed = await self._leases.claim(queue, count, self._lease, position)
@@ -251,7 +262,27 @@ class LeaseWorkers:
             )
             self._start_runs(more)
             claimed += more
-        return claimed
+        return claimed, None
+
+    async def _claim_limited(
+        self, count: int, expired_since: datetime | float | None = None
+    ) -> tuple[list[Lease], float | None]:
+        """``_claim_from_watermark`` (or the rescuer's claim) within the queue's
+        global limits, from the head of the queue (see ``_limits``)."""
+        assert self._limits is not None
+        limits = self._limits
+        got = await self._leases.claim_limited(
+            self.handler.queue, count, self._lease, limits, expired_since=expired_since
+        )
+        self._start_runs(got.leases)
+        if not got.held_back:
+            return got.leases, None
+        self._limited_at = got.now
+        if limits.rate is not None:
+            per = limits.rate[1]
+            wait = per - got.now.timestamp() % per  # the next window
+            return got.leases, min(wait, _LIMIT_POLL) if limits.slots is not None else wait
+        return got.leases, _LIMIT_POLL
 
     async def _wait_for_slots(self, wanted: int) -> None:
         while self.handler.concurrency - len(self._runs) < wanted and not self.wakeups.stopped:
@@ -273,7 +304,7 @@ class LeaseWorkers:
         """Hand leased jobs to the workers; after shutdown began, give them back."""
         valid_until = anyio.current_time() + self._lease  # measured before the claim returned
         for lease in claimed:
-            self._watermark.advance(lease.job.run_after, lease.id)
+            self._watermark.advance(lease.job.priority, lease.job.run_after, lease.id)
             if self._closing:
                 self._cut_short.append(lease)
                 continue
@@ -314,10 +345,14 @@ class LeaseWorkers:
                 async with self._claiming:
                     if self.wakeups.stopped:
                         continue
-                    now, claimed = await self._leases.claim_expired(
-                        self.handler.queue, free, self._lease, since
-                    )
-                    self._start_runs(claimed)
+                    if self._limits is not None:
+                        claimed, _ = await self._claim_limited(free, since)
+                        now = self._limited_at
+                    else:
+                        now, claimed = await self._leases.claim_expired(
+                            self.handler.queue, free, self._lease, since
+                        )
+                        self._start_runs(claimed)
             except (DatabaseError, PoolTimeoutError) as exc:
                 self._log.warning(
                     "queue %s: cannot look for jobs whose worker was lost: %s",
@@ -443,6 +478,7 @@ class LeaseWorkers:
         finally:
             await self._close(run)
             self._free_slot(run)
+        await self._free_slots([lease])
         if recorded and outcome.kind in ("retry", "snooze"):  # due again later
             self._on_retry(lease.id, lease.job.queue, outcome.delay)
         await report(
@@ -454,6 +490,16 @@ class LeaseWorkers:
             observer=self._observer,
             state=run.observed,
         )
+
+    async def _free_slots(self, leases: list[Lease]) -> None:
+        """Free the global-concurrency slots of jobs whose lease ended (a
+        failure here only keeps them busy until their leases expire)."""
+        if self._limits is None or self._limits.slots is None or not leases:
+            return
+        try:
+            await self._leases.free_slots(self.handler.queue, leases)
+        except (DatabaseError, PoolTimeoutError) as exc:
+            self._log.warning("queue %s: cannot free slots: %s", self.handler.queue, exc)
 
     def _acknowledge_later(self, run: _Run) -> None:
         """A success without a transaction: written in the next batch, and
@@ -506,9 +552,7 @@ class LeaseWorkers:
                     try:
                         return outcome, await self._leases.complete_locked(tx.conn, lease)
                     except DatabaseError as exc:
-                        outcome = after_failed_record(
-                            lease.job, outcome, exc, self.handler.backoff
-                        )
+                        outcome = after_failed_record(lease.job, outcome, exc, self.handler.backoff)
                 if self._transaction_open(tx.conn):
                     # Under the row lock: no one takes the job over meanwhile.
                     with contextlib.suppress(DatabaseError):
@@ -592,6 +636,13 @@ class LeaseWorkers:
                 run.valid_until = sent + self._lease
             else:
                 self._lose(run)  # taken over elsewhere
+        if self._limits is not None and self._limits.slots is not None:
+            try:
+                await self._leases.extend_slots(
+                    self.handler.queue, [run.lease for run in runs], self._lease
+                )
+            except (DatabaseError, PoolTimeoutError) as exc:  # they expire: fewer run for a while
+                self._log.warning("queue %s: cannot extend slots: %s", self.handler.queue, exc)
         return True
 
     def _lose(self, run: _Run) -> None:
@@ -627,6 +678,7 @@ class LeaseWorkers:
             except BaseException:
                 self._acks[:0] = batch  # written by the next try, or at shutdown
                 raise
+            await self._free_slots([run.lease for run in batch])
             # A success is reported only to whoever listens: the observer, or
             # a DEBUG log; the lost ones are always logged.
             listening = self._observer is not None or self._log.logger.isEnabledFor(DEBUG)
@@ -672,6 +724,7 @@ class LeaseWorkers:
             return
         try:
             await self._leases.release(cut_short)
+            await self._free_slots(cut_short)
         except (DatabaseError, PoolTimeoutError) as exc:
             self._log.error(
                 "queue %s: cannot give back the leases of %d jobs cut short by shutdown; "

@@ -20,17 +20,19 @@ from neoq_anyio._outcome import Outcome, describe_error
 from neoq_anyio._pg._errors import map_errors
 
 from . import _sql
+from ._limits import EXTEND_SLOTS, FREE_SLOTS, LIMITED_COLUMNS, claim_limited, ensure_limits
 
 if TYPE_CHECKING:
     from datetime import datetime
 
     from neoq_anyio._log import BackendLog
+    from neoq_anyio._models import Handler
     from neoq_anyio._pg._connection import AnyioConnection
     from neoq_anyio._pg._pool import ConnectionPool
 
     from ._sql import Position
 
-__all__ = ["LOST_ERROR", "Lease", "LeaseStore"]
+__all__ = ["LOST_ERROR", "Lease", "LeaseStore", "Limited", "Limits"]
 
 LOST_ERROR = describe_error(JobLostError("the worker running the job was lost (its lease expired)"))
 """The ``error`` stored when a lost lease is claimed again."""
@@ -93,6 +95,32 @@ def _ids_and_tokens(leases: list[Lease]) -> tuple[str, str]:
     return f"{{{ids}}}", f"{{{tokens}}}"
 
 
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A queue's global limits: ``slots`` jobs at once, ``rate`` = (starts,
+    seconds) per window; ``None`` where none applies."""
+
+    slots: int | None
+    rate: tuple[int, float] | None
+
+
+def limits_of(handler: Handler) -> Limits | None:
+    """A lease-mode handler's global limits; ``None`` when it has none."""
+    if handler.global_concurrency is None and handler.rate_limit is None:
+        return None
+    return Limits(handler.global_concurrency, handler.rate_window)
+
+
+@dataclass(frozen=True, slots=True)
+class Limited:
+    """What a limited claim got: the database's time, the leases, and whether
+    a limit (not an empty queue) held it back."""
+
+    now: datetime
+    leases: list[Lease]
+    held_back: bool
+
+
 class LeaseStore:
     """Runs lease mode's SQL on pooled connections (the workers' share).
 
@@ -132,7 +160,7 @@ class LeaseStore:
         ``position`` in claim order (``behind``: at or before it)."""
         params: dict[str, Any] = {"queue": queue, "n": count, "lease": lease}
         if position is not None:
-            params["run_after"], params["id"] = position
+            params["priority"], params["run_after"], params["id"] = position
         query = _sql.claim_ready(after=position is not None, behind=behind)
         if self._writes:
             query += self._writes
@@ -143,6 +171,58 @@ class LeaseStore:
             finally:
                 await self._pool.release(conn)
         return [_lease_from_row(row) for row in rows]
+
+    async def claim_limited(
+        self,
+        queue: str,
+        count: int,
+        lease: float,
+        limits: Limits,
+        *,
+        expired_since: datetime | float | None = None,
+    ) -> Limited:
+        """``claim`` (or, given ``expired_since``, ``claim_expired``) within the
+        queue's global limits (``_limits``)."""
+        params: dict[str, Any] = {"queue": queue, "n": count, "lease": lease}
+        if limits.slots is not None:
+            params["slots"] = limits.slots
+        if limits.rate is not None:
+            params["starts"], params["per"] = limits.rate
+        expired = expired_since is not None
+        if expired:
+            params["since"] = "-infinity" if isinstance(expired_since, float) else expired_since
+            params["error"] = LOST_ERROR
+        query = claim_limited(
+            expired=expired,
+            slots=limits.slots is not None,
+            rate=limits.rate is not None,
+            leased=_sql.LEASED + self._writes,
+        )
+        with map_errors(self._log.redact, f"cannot claim jobs from queue {queue!r}"):
+            conn = await self._pool.acquire(worker=True)
+            try:
+                rows = await (await conn.execute(query, params)).fetchall()
+            finally:
+                await self._pool.release(conn)
+        now, free, allowed = rows[0][:LIMITED_COLUMNS]
+        leases = [
+            _lease_from_row(row[LIMITED_COLUMNS:])
+            for row in rows
+            if row[LIMITED_COLUMNS] is not None
+        ]
+        claimed = len(leases)
+        held = (free is not None and free <= claimed) or (
+            allowed is not None and allowed <= claimed
+        )
+        return Limited(now, leases, held and claimed < count)
+
+    async def ensure_limits(self, queue: str, limits: Limits) -> None:
+        """Create the rows the queue's limits need, where missing."""
+        statements = ensure_limits(slots=limits.slots, rate=limits.rate is not None)
+        with map_errors(self._log.redact, f"cannot set up the limits of queue {queue!r}"):
+            async with self._pool.connection() as conn:
+                for statement in statements:
+                    await conn.execute(statement, {"queue": queue})
 
     async def claim_expired(
         self, queue: str, count: int, lease: float, since: datetime | float
@@ -211,6 +291,26 @@ class LeaseStore:
             finally:
                 await self._pool.release(conn)
         return row is not None
+
+    async def free_slots(self, queue: str, leases: list[Lease]) -> None:
+        """Free the global-concurrency slots of jobs whose lease ended."""
+        ids, tokens = _ids_and_tokens(leases)
+        with map_errors(self._log.redact, f"cannot free slots of queue {queue!r}"):
+            conn = await self._pool.acquire(worker=True)
+            try:
+                await conn.execute(FREE_SLOTS, (ids, tokens, queue))
+            finally:
+                await self._pool.release(conn)
+
+    async def extend_slots(self, queue: str, leases: list[Lease], seconds: float) -> None:
+        """The slots' heartbeat: they expire with their jobs' leases."""
+        ids, tokens = _ids_and_tokens(leases)
+        with map_errors(self._log.redact, f"cannot extend slots of queue {queue!r}"):
+            conn = await self._pool.acquire(worker=True)
+            try:
+                await conn.execute(EXTEND_SLOTS, (seconds, ids, tokens, queue))
+            finally:
+                await self._pool.release(conn)
 
     async def _per_lease(self, query: str, leases: list[Lease], doing: str) -> set[str]:
         ids, tokens = _ids_and_tokens(leases)

@@ -35,7 +35,7 @@ __all__ = [
 
 JOB_COLUMNS: Final = (
     "id, fingerprint, queue, status, deadline, payload, retries, max_retries, "
-    "run_after, ran_at, created_at, error"
+    "run_after, ran_at, created_at, error, priority"
 )
 JOB_COLUMN_NAMES: Final = tuple(name.strip() for name in JOB_COLUMNS.split(","))
 
@@ -43,10 +43,14 @@ _READY: Final = "status <> 'processed' AND lease_token IS NULL"
 """Jobs a claim may take (neoq_anyio_jobs_ready_idx's predicate): unprocessed
 and not leased. Every query for due jobs says so, to use that index."""
 
+CLAIM_ORDER: Final = "-priority::integer, run_after, id"
+"""Claim order: higher priority first, then older ``run_after``, then id; the
+key of ``neoq_anyio_jobs_ready_idx``, so claims read the index in order."""
+
 JobQuery: Final[LiteralString] = (
     "SELECT " + JOB_COLUMNS + " FROM neoq_jobs "
     "WHERE queue = %s AND status <> 'processed' AND lease_token IS NULL AND run_after <= now() "
-    "ORDER BY run_after, id "
+    "ORDER BY -priority::integer, run_after, id "
     "LIMIT 1 FOR UPDATE SKIP LOCKED"
 )
 """Takes the next due job of a queue and locks its row for the job's transaction.
@@ -59,19 +63,20 @@ processes sharing a database never race for the same row.
 PendingJobIDQuery: Final[LiteralString] = (
     "SELECT id FROM neoq_jobs "
     "WHERE queue = %s AND status <> 'processed' AND lease_token IS NULL AND run_after <= now() "
-    "ORDER BY run_after, id LIMIT 1"
+    "LIMIT 1"
 )
 """Finds whether a queue has a due job that no notification announced."""
 
 FutureJobQuery: Final[LiteralString] = (
     "SELECT id, queue, extract(epoch FROM run_after - clock_timestamp())::float8 "
     "FROM neoq_jobs "
-    "WHERE queue = ANY(%s) AND status <> 'processed' AND lease_token IS NULL "
+    "WHERE queue = ANY(%s) AND status IN ('new', 'failed') AND lease_token IS NULL "
     "AND run_after > now() AND run_after <= now() + make_interval(secs => %s) "
     "ORDER BY run_after LIMIT 1000"
 )
 """Lists jobs that come due within the future-job window, with seconds until due
-(measured on the database's clock, so the process clock's skew does not matter)."""
+(measured on the database's clock, so the process clock's skew does not matter).
+The status list lets Go neoq's index on (queue, status, run_after) find them."""
 
 TAKE_COLUMN_NAMES: Final = (*JOB_COLUMN_NAMES, "trace_context")
 """The columns ``take_job`` reads: ``JobQuery``'s, and the job's trace context."""
@@ -84,11 +89,14 @@ ROLLBACK: Final = "ROLLBACK"
 """Ends a job transaction that found no job."""
 
 
-def _insert(*, default_max_retries: bool, notify: bool, traced: bool) -> str:
+def _insert(*, default_max_retries: bool, notify: bool, traced: bool, prioritized: bool) -> str:
     columns = "queue, fingerprint, payload, run_after, deadline"
     values = "%s, %s, %s::jsonb, coalesce(%s, now()), %s"
     if not default_max_retries:
         columns += ", max_retries"
+        values += ", %s"
+    if prioritized:
+        columns += ", priority"
         values += ", %s"
     if traced:
         columns += ", trace_context"
@@ -101,14 +109,23 @@ def _insert(*, default_max_retries: bool, notify: bool, traced: bool) -> str:
 
 
 _INSERT_JOB: Final = {
-    (default, notify, traced): _insert(default_max_retries=default, notify=notify, traced=traced)
+    (default, notify, traced, prioritized): _insert(
+        default_max_retries=default, notify=notify, traced=traced, prioritized=prioritized
+    )
     for default in (True, False)
     for notify in (True, False)
     for traced in (True, False)
+    for prioritized in (False, True)
 }
 
 
-def insert_job(*, default_max_retries: bool, notify: bool = False, traced: bool = False) -> str:
+def insert_job(
+    *,
+    default_max_retries: bool,
+    notify: bool = False,
+    traced: bool = False,
+    prioritized: bool = False,
+) -> str:
     """The INSERT for one job; ``ON CONFLICT DO NOTHING`` turns a duplicate into
     an empty result instead of an error that would abort the caller's transaction.
 
@@ -119,7 +136,7 @@ def insert_job(*, default_max_retries: bool, notify: bool = False, traced: bool 
     only jobs enqueued with tracing on carry one; Go neoq's INSERTs leave the
     column NULL.
     """
-    return _INSERT_JOB[default_max_retries, notify, traced]
+    return _INSERT_JOB[default_max_retries, notify, traced, prioritized]
 
 
 def is_utc(timezone: str | None) -> bool:
@@ -152,61 +169,82 @@ _UTC_NAMES: Final = frozenset(
 )
 
 
-def take_job(
-    queue: str,
-    context: AdaptContext,
-    *,
-    skip: Collection[int] = (),
-    position: Position | None = None,
-    behind: bool = False,
-    settings: str = "",
-) -> str:
-    """``BEGIN; <JobQuery>; SAVEPOINT``: one round trip to start a job.
+class TakeQuery:
+    """``BEGIN; <JobQuery>; SAVEPOINT`` for one queue: one round trip to start
+    a job in transaction mode.
 
     The savepoint lets a failed handler's writes roll back while the job's
-    row lock, and the failure record, stay in the same transaction. ``skip``:
-    ids of jobs not to take (held back after their outcome failed to record).
-    ``position``: only jobs after it in claim order (``behind``: at or before
-    it); see ``_watermark``. ``settings``: ``PerTransaction.opens``, extra
-    columns that configure the job's transaction behind a pooler.
+    row lock, and the failure record, stay in the same transaction. The queue
+    is inlined as a literal (quoted once, with the connection's encoding) and
+    the statement runs with the simple protocol, hence one round trip.
+
+    Args:
+        queue: the queue.
+        context: the connection, for quoting.
+        settings: ``PerTransaction.opens``, extra columns that configure the
+            job's transaction behind a pooler.
     """
-    query = _TAKE_QUERY.replace("%s", "{}")
-    if settings:
-        query = query.replace(" FROM neoq_jobs ", f"{settings} FROM neoq_jobs ", 1)
-    extra = ""
-    if skip:
-        extra += f"AND id NOT IN ({', '.join(f'{int(job_id):d}' for job_id in skip)}) "
-    if position is not None:
-        extra += position_condition(position, behind=behind) + " "
-    if extra:
-        assert "AND run_after" in query  # JobQuery's shape, which the clauses join
-        query = query.replace("AND run_after", f"{extra}AND run_after", 1)
-    select = sql.SQL(query).format(sql.Literal(queue))
-    return f"BEGIN; {select.as_string(context)}; SAVEPOINT {SAVEPOINT}"
+
+    __slots__ = ("_select", "plain")
+
+    def __init__(self, queue: str, context: AdaptContext, settings: str = "") -> None:
+        columns = f"{JOB_COLUMNS}, trace_context{settings}"
+        literal = sql.Literal(queue).as_string(context)
+        # NUL cannot occur in a queue name (check_queue_name), so the markers
+        # cannot either.
+        self._select = (
+            f"SELECT {columns} FROM neoq_jobs WHERE queue = {literal} AND {_READY} "
+            f"AND run_after <= now(){_EXTRA} ORDER BY {CLAIM_ORDER} "
+            f"LIMIT {_LIMIT} FOR UPDATE SKIP LOCKED"
+        )
+        self.plain = self.text()
+
+    def text(
+        self, *, skip: Collection[int] = (), position: Position | None = None, behind: bool = False
+    ) -> str:
+        """The statement; ``skip``: ids of jobs not to take (held back after
+        their outcome failed to record); ``position``: only jobs after it in
+        claim order (``behind``: at or before it), see ``_watermark``. Jobs of
+        a higher priority than the position's come first: they are behind it,
+        but due before everything after it."""
+        base = ""
+        if skip:
+            base = f" AND id NOT IN ({', '.join(f'{int(job_id):d}' for job_id in skip)})"
+        if position is None:
+            select = self._part(base, "1")
+        elif behind:
+            select = self._part(base + position_condition(position, behind=True), "1")
+        else:
+            higher = self._part(base + f" AND -priority::integer < {int(position[0]):d}", "1")
+            after = base + position_condition(position, behind=False)
+            ahead = self._part(after, "(1 - (SELECT count(*) FROM higher))")
+            select = (
+                f"WITH higher AS ({higher}), ahead AS ({ahead}) "
+                "SELECT * FROM higher UNION ALL SELECT * FROM ahead"
+            )
+        return f"BEGIN; {select}; SAVEPOINT {SAVEPOINT}"
+
+    def _part(self, extra: str, limit: str) -> str:
+        return self._select.replace(_EXTRA, extra).replace(_LIMIT, limit)
 
 
-def at_position(take: str, position: Position, *, behind: bool) -> str:
-    """``take`` (from ``take_job``, without a position) limited to jobs after
-    ``position`` (``behind``: at or before it). The clause goes before the last
-    ``run_after`` bound: the queue's literal, earlier, cannot hold the match."""
-    head, bound, tail = take.rpartition(_DUE_BOUND)
-    assert bound  # take_job's shape
-    return f"{head} {position_condition(position, behind=behind)}{bound}{tail}"
+_EXTRA: Final = "\x00extra\x00"
+_LIMIT: Final = "\x00limit\x00"
 
-
-_DUE_BOUND: Final = " AND run_after <= now()"
-
-Position: TypeAlias = "tuple[datetime, int]"
-"""A place in claim order: a job's ``(run_after, id)``."""
+Position: TypeAlias = "tuple[int, datetime, int]"
+"""A place in claim order: a job's ``(-priority, run_after, id)``."""
 
 
 def position_condition(position: Position, *, behind: bool) -> str:
-    """``AND (run_after, id) > (...)`` (``<=`` when ``behind``), with the position
-    inlined: a timestamp in ISO form and an integer, neither from user input
-    as text (``isoformat`` of a ``datetime``, ``int``)."""
-    run_after, job_id = position
+    """`` AND (-priority, run_after, id) > (...)`` (``<=`` when ``behind``), with
+    the position inlined: integers and a timestamp in ISO form, none from user
+    input as text (``int``, ``isoformat`` of a ``datetime``)."""
+    negated, run_after, job_id = position
     op = "<=" if behind else ">"
-    return f"AND (run_after, id) {op} ('{run_after.isoformat()}'::timestamptz, {int(job_id):d})"
+    return (
+        f" AND (-priority::integer, run_after, id) {op} "
+        f"({int(negated):d}, '{run_after.isoformat()}'::timestamptz, {int(job_id):d})"
+    )
 
 
 def record_outcome(job_id: str, outcome: Outcome, context: AdaptContext) -> str:
@@ -293,7 +331,12 @@ def _record_failure(
     (one unprocessed job per queue, fingerprint and status), so the job keeps
     its status and its ``retries`` already counts this run, which makes the
     next run count exactly as a failed job's would (``as_run``).
+
+    A snooze is recorded here too (``_record_snooze``): not a failure, but
+    what a failure is undone by (the savepoint) and guarded by is the same.
     """
+    if outcome.kind == "snooze":
+        return _record_snooze(outcome, target=target, ctes=ctes)
     retries = int(outcome.retries)
     message = _text_literal(outcome.error or "", context)
     if outcome.kind == "retry":
@@ -313,14 +356,32 @@ def _record_failure(
         )
     dead = (
         f"dead AS (DELETE FROM neoq_jobs WHERE id = ({target}) "
-        "RETURNING id, queue, fingerprint, payload, max_retries, deadline)"
+        "RETURNING id, queue, fingerprint, payload, max_retries, deadline, priority)"
     )
     return (
         f"WITH {', '.join([*ctes, dead])} "
         "INSERT INTO neoq_dead_jobs "
-        "(id, queue, fingerprint, payload, retries, max_retries, error, deadline) "
-        f"SELECT id, queue, fingerprint, payload, {retries:d}, max_retries, {message}, deadline "
-        "FROM dead RETURNING id"
+        "(id, queue, fingerprint, payload, retries, max_retries, error, deadline, priority) "
+        f"SELECT id, queue, fingerprint, payload, {retries:d}, max_retries, {message}, "
+        "deadline, priority FROM dead RETURNING id"
+    )
+
+
+def _record_snooze(outcome: Outcome, *, target: str, ctes: list[str]) -> str:
+    """One statement giving back a snoozed job, due in ``outcome.delay``
+    seconds, its ``retries`` as before the run; it returns the job's id.
+
+    Only ``run_after`` (and ``retries``, which a lease-mode claim counted)
+    change: the status stays ``new`` or ``failed`` (so neoq's unique index
+    cannot object), ``error`` and ``ran_at`` stay those of the last failure,
+    if any, and a lease is given back.
+    """
+    with_ = f"WITH {', '.join(ctes)} " if ctes else ""
+    return (
+        f"{with_}UPDATE neoq_jobs SET lease_token = NULL, lease_expires_at = NULL, "
+        f"retries = {int(outcome.retries):d}, "
+        f"run_after = clock_timestamp() + make_interval(secs => {float(outcome.delay)!r}) "
+        f"WHERE id = ({target}) RETURNING id"
     )
 
 
@@ -353,6 +414,10 @@ _LEASED: Final = ", ".join(
 )
 
 
+LEASED: Final = _LEASED
+"""What a claiming UPDATE returns (``LEASE_COLUMN_NAMES``)."""
+
+
 def claim_ready(*, after: bool = False, behind: bool = False) -> str:
     """Lease up to ``%(n)s`` ready jobs of ``%(queue)s`` for ``%(lease)s`` seconds.
 
@@ -361,21 +426,39 @@ def claim_ready(*, after: bool = False, behind: bool = False) -> str:
     transaction's id, unique to this claim. The attempt is counted now, as
     ``as_run`` counts it (a failed job's run is a retry), so a job whose
     worker dies has it counted already. ``after``: only jobs after the
-    position ``%(run_after)s``, ``%(id)s`` in claim order (``behind``: at or
-    before it); see ``_watermark``.
+    position ``%(priority)s`` (negated), ``%(run_after)s``, ``%(id)s`` in
+    claim order, and higher priorities (``behind``: at or before it); see
+    ``_watermark``.
     """
     return _CLAIM_READY[after, behind]
 
 
 def _claim_ready(*, after: bool, behind: bool) -> str:
-    where = ""
-    if after:
-        op = "<=" if behind else ">"
-        where = f" AND (run_after, id) {op} (%(run_after)s, %(id)s)"
+    def part(extra: str, limit: str) -> str:
+        return (
+            "SELECT id, coalesce(retries, 0) AS retries, NULL::bigint AS token "
+            f"FROM neoq_jobs WHERE queue = %(queue)s AND {_READY} AND run_after <= now(){extra} "
+            f"ORDER BY {CLAIM_ORDER} LIMIT {limit} FOR UPDATE SKIP LOCKED"
+        )
+
+    position = "(%(priority)s, %(run_after)s, %(id)s)"
+    if not after:
+        picked = f"c AS ({part('', '%(n)s')})"
+    elif behind:
+        behind_it = f" AND (-priority::integer, run_after, id) <= {position}"
+        picked = f"c AS ({part(behind_it, '%(n)s')})"
+    else:  # higher priorities than the position's first: see TakeQuery.text
+        higher = part(" AND -priority::integer < %(priority)s", "%(n)s")
+        # Both lock up to n (the statement ends at once, so the surplus is
+        # free again at once): a constant LIMIT keeps the planner's estimate
+        # small, and the UPDATE on index lookups rather than a table scan.
+        ahead = part(f" AND (-priority::integer, run_after, id) > {position}", "%(n)s")
+        picked = (
+            f"higher AS ({higher}), ahead AS ({ahead}), "
+            "c AS (SELECT * FROM higher UNION ALL SELECT * FROM ahead LIMIT %(n)s)"
+        )
     return (
-        "WITH c AS (SELECT id, coalesce(retries, 0) AS retries, NULL::bigint AS token "
-        f"FROM neoq_jobs WHERE queue = %(queue)s AND {_READY} AND run_after <= now(){where} "
-        "ORDER BY run_after, id LIMIT %(n)s FOR UPDATE SKIP LOCKED) "
+        f"WITH {picked} "
         "UPDATE neoq_jobs AS j SET lease_token = txid_current(), "
         "lease_expires_at = now() + make_interval(secs => %(lease)s), "
         "retries = c.retries + (j.status = 'failed')::int "
@@ -471,8 +554,8 @@ def complete_locked(job_id: str, token: int) -> str:
 
 
 def record_locked(job_id: str, token: int, outcome: Outcome, context: AdaptContext) -> str:
-    """Record a failed or dead outcome in the leased job's open transaction,
-    and COMMIT: the handler's writes roll back to the savepoint ``LOCK_LEASED``
+    """Record a failed, snoozed or dead outcome in the leased job's open
+    transaction, and COMMIT: the handler's writes roll back to the savepoint ``LOCK_LEASED``
     set, the row stays locked, so no one can claim the job in between. The
     second result holds the row if the lease held."""
     statement = record_leased(job_id, token, outcome, context)
@@ -480,8 +563,8 @@ def record_locked(job_id: str, token: int, outcome: Outcome, context: AdaptConte
 
 
 def record_leased(job_id: str, token: int, outcome: Outcome, context: AdaptContext) -> str:
-    """Record a failed (``retry``) or ``dead`` outcome of a leased job, in
-    autocommit; changes nothing unless the lease still holds. Returns the
+    """Record a failed (``retry``), ``snooze`` or ``dead`` outcome of a leased
+    job, in autocommit; changes nothing unless the lease still holds. Returns the
     job's id when it wrote."""
     guard = (
         f"job AS (SELECT id FROM neoq_jobs WHERE id = {int(job_id):d} "
@@ -638,7 +721,7 @@ FAST_FORWARD: Final = (
 _DEAD_COLUMNS: Final = (
     "id, fingerprint, queue, 'dead'::text AS status, deadline, payload, retries, "
     "max_retries, NULL::timestamptz AS run_after, NULL::timestamptz AS ran_at, "
-    "created_at, error"
+    "created_at, error, coalesce(priority, 0)::smallint AS priority"
 )
 # The live jobs' columns, typed as the dead ones', for a UNION. A leased job
 # reads as running; the table keeps its status (new or failed).
@@ -720,9 +803,9 @@ any session time zone."""
 RETRY_DEAD_JOB: Final = (
     "WITH dead AS (DELETE FROM neoq_dead_jobs WHERE id = %(id)s RETURNING *) "
     "INSERT INTO neoq_jobs (id, queue, fingerprint, payload, retries, max_retries, deadline, "
-    "error, status, run_after) "
+    "error, status, run_after, priority) "
     "SELECT id, queue, fingerprint, payload, coalesce(retries, 0), max_retries, deadline, "
-    "error, 'new', now() FROM dead "
+    "error, 'new', now(), coalesce(priority, 0) FROM dead "
     f"ON CONFLICT DO NOTHING RETURNING {_LIVE_COLUMNS}, "
     "pg_notify(queue, id::text)"
 ).encode()
@@ -735,13 +818,13 @@ LIVE_JOB: Final = f"SELECT {_LIVE_COLUMNS} FROM neoq_jobs WHERE id = %(id)s".enc
 CANCEL_JOB: Final = (
     # A leased job is cancelled too: its worker finds the lease gone at its
     # next heartbeat and cancels the handler.
-    "WITH j AS (SELECT id FROM neoq_jobs WHERE id = %(id)s FOR UPDATE SKIP LOCKED), "
-    "gone AS (DELETE FROM neoq_jobs USING j WHERE neoq_jobs.id = j.id "
-    "AND neoq_jobs.status <> 'processed' RETURNING neoq_jobs.*) "
-    "INSERT INTO neoq_dead_jobs (id, queue, fingerprint, payload, retries, max_retries, error, "
-    "deadline) SELECT id, queue, fingerprint, payload, retries, max_retries, 'cancelled', "
-    "deadline FROM gone RETURNING id"
-).encode()
+    b"WITH j AS (SELECT id FROM neoq_jobs WHERE id = %(id)s FOR UPDATE SKIP LOCKED), "
+    b"gone AS (DELETE FROM neoq_jobs USING j WHERE neoq_jobs.id = j.id "
+    b"AND neoq_jobs.status <> 'processed' RETURNING neoq_jobs.*) "
+    b"INSERT INTO neoq_dead_jobs (id, queue, fingerprint, payload, retries, max_retries, error, "
+    b"deadline, priority) SELECT id, queue, fingerprint, payload, retries, max_retries, "
+    b"'cancelled', deadline, priority FROM gone RETURNING id"
+)
 
 DELETE_JOB: Final = (
     f"WITH j AS ({_UNLOCKED_JOB}), "
@@ -785,3 +868,31 @@ PRUNE_DEAD: Final = (
     b"ORDER BY created_at LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"
 )
 """One batch of jobs dead for longer than ``age`` seconds."""
+
+
+# -- paused queues (neoq_anyio._postgres._pauses) ------------------------------------
+
+QUEUES_CHANNEL: Final = "neoq_anyio_queues_v1"
+"""Where a pause or resume is announced (payload: the queue), so that every
+listening process re-reads the paused queues at once."""
+
+PAUSE_QUEUE: Final = (
+    b"WITH changed AS ("
+    b"INSERT INTO neoq_anyio_queues AS q (queue, paused, changed_at) "
+    b"VALUES (%(queue)s, true, now()) "
+    b"ON CONFLICT (queue) DO UPDATE SET paused = true, changed_at = now() WHERE NOT q.paused "
+    b"RETURNING queue) "
+    b"SELECT pg_notify('" + QUEUES_CHANNEL.encode() + b"', queue) FROM changed"
+)
+"""Mark a queue paused and announce it; nothing (no row) if it was paused already."""
+
+RESUME_QUEUE: Final = (
+    b"WITH changed AS ("
+    b"UPDATE neoq_anyio_queues SET paused = false, changed_at = now() "
+    b"WHERE queue = %(queue)s AND paused RETURNING queue) "
+    b"SELECT pg_notify('" + QUEUES_CHANNEL.encode() + b"', queue) FROM changed"
+)
+"""Mark a queue running again and announce it; nothing if it was not paused."""
+
+PAUSED_QUEUES: Final = b"SELECT queue FROM neoq_anyio_queues WHERE paused"
+"""The paused queues: what every process re-reads every ``job_check_interval``."""

@@ -83,7 +83,7 @@ class JobStore:
         self._log = log
         self._settings = per_transaction
         self._claim_tick = _sql.CLAIM_TICK_ANNOUNCED if per_transaction.pooled else _sql.CLAIM_TICK
-        self._take: dict[str, str] = {}  # per queue, built with the connection's encoding
+        self._take: dict[str, _sql.TakeQuery] = {}  # per queue, quoted in the connection's encoding
         self.watermarks: dict[str, Watermark] = {}  # per queue: where claims start
         self._held_back: dict[str, _HeldBack] = {}  # by job id: see hold_back()
         self._mine: set[str] = set()  # ids of the jobs this process's workers run
@@ -109,11 +109,17 @@ class JobStore:
         default_retries = job.max_retries is None
         if not default_retries:
             params += (job.max_retries,)
+        prioritized = job.priority != 0
+        if prioritized:
+            params += (job.priority,)
         traced = job._trace_context is not None
         if traced:
             params += (json.dumps(job._trace_context),)
         query = _sql.insert_job(
-            default_max_retries=default_retries, notify=notify_due, traced=traced
+            default_max_retries=default_retries,
+            notify=notify_due,
+            traced=traced,
+            prioritized=prioritized,
         )
         with map_errors(self._log.redact, "cannot enqueue the job"):
             if connection is None:
@@ -163,7 +169,7 @@ class JobStore:
             if row is None:
                 return None
         job = job_from_row(row, _sql.TAKE_COLUMN_NAMES)
-        watermark.advance(job.run_after, job.id or "0")
+        watermark.advance(job.priority, job.run_after, job.id or "0")
         self._mine.add(str(job.id))
         return job
 
@@ -195,24 +201,13 @@ class JobStore:
         *,
         behind: bool = False,
     ) -> tuple[Any, ...] | None:
-        if skip:
-            take = _sql.take_job(
-                queue,
-                conn,
-                skip=skip,
-                position=position,
-                behind=behind,
-                settings=self._settings.opens,
-            )
+        query = self._take.get(queue)
+        if query is None:
+            query = self._take[queue] = _sql.TakeQuery(queue, conn, self._settings.opens)
+        if skip or position is not None:  # moves with every take: built, not cached
+            take = query.text(skip=skip, position=position, behind=behind)
         else:
-            cached = self._take.get(queue)
-            if cached is None:
-                cached = self._take[queue] = _sql.take_job(
-                    queue, conn, settings=self._settings.opens
-                )
-            take = cached
-            if position is not None:  # moves with every take: spliced in, not cached
-                take = _sql.at_position(take, position, behind=behind)
+            take = query.plain
         cur = await conn.execute(take)
         cur.nextset()  # past BEGIN, to the SELECT's rows
         row = await cur.fetchone()

@@ -12,6 +12,15 @@ Every process sharing a database hears every notification, so hints
 outnumber jobs there; a worker that finds nothing drops the hints that
 predate its fetch (``mark``/``found_nothing``), which keeps the wasted
 fetches to about one per process instead of one per job.
+
+A paused queue (``pause_queue``, see ``_pauses``) keeps its hints and
+sweeps but hands none out: ``wait`` returns only STOP until ``resume``,
+which sweeps, since jobs enqueued meanwhile were announced to workers that
+could not take them. Both worker kinds wait here between fetches, so
+pausing needs little from their loops: the lease claimer looks at
+``paused`` before each claim (it claims batch after batch without waiting
+here while batches come back full), and so does its search for expired
+leases.
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ class Wakeups:
         self._sweeping = False
         self.sweeps = 0  # sweeps ever begun: claims forget their watermark at each
         self._stopped = False
+        self._paused = False
         self._idle: deque[anyio.Event] = deque()
         self._resting: deque[anyio.Event] = deque()
 
@@ -81,6 +91,22 @@ class Wakeups:
         while self._resting:
             self._resting.popleft().set()
 
+    def pause(self) -> None:
+        """The queue was paused: hand out no hint or sweep until ``resume``."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """The queue was resumed: every idle worker looks for the jobs that
+        came due meanwhile. Nothing happens if it was not paused."""
+        if self._paused:
+            self._paused = False
+            self.sweep()
+
+    @property
+    def paused(self) -> bool:
+        """Whether the queue is paused: a worker takes no job until it is resumed."""
+        return self._paused
+
     @property
     def stopped(self) -> bool:
         """Whether shutdown began: a worker takes no job from now on."""
@@ -100,9 +126,10 @@ class Wakeups:
         while True:
             if self._stopped:
                 return Wake.STOP
-            if self._hints:
-                self._hints -= 1
-                return Wake.HINT
-            if self._sweeping:
-                return Wake.SWEEP
+            if not self._paused:
+                if self._hints:
+                    self._hints -= 1
+                    return Wake.HINT
+                if self._sweeping:
+                    return Wake.SWEEP
             await wait_in_line(self._idle)

@@ -1,8 +1,9 @@
 """Where a queue's next claim starts: a keyset "watermark" per queue.
 
-Claims take the oldest ready jobs, in ``(run_after, id)`` order, from
-``neoq_anyio_jobs_ready_idx``. Every job completed leaves its old row
-version's entry at the head of that index until vacuum removes it, and vacuum
+Claims take the ready jobs in claim order (``(-priority, run_after, id)``:
+higher priority first, then oldest) from ``neoq_anyio_jobs_ready_idx``.
+Every job completed leaves its old row version's entry at the head of that
+index until vacuum removes it, and vacuum
 cannot while any transaction in the database is older than the completion
 (a long job, a report, an idle psql session). A claim scanning from the head
 walks all of them, so draining a backlog slows down as it goes: Que's
@@ -10,9 +11,11 @@ walks all of them, so draining a backlog slows down as it goes: Que's
 claimed on the queue instead, so the entries they walk do not grow with the
 backlog.
 
-Jobs can turn up behind the watermark: an INSERT that committed after a
-later job was claimed, a job given an old ``run_after``, a claim elsewhere
-that rolled back. A claim that finds too few jobs ahead looks behind it too,
+Jobs can turn up behind the watermark: a job of a higher priority, an INSERT
+that committed after a later job was claimed, a job given an old
+``run_after``, a claim elsewhere that rolled back. Every claim first takes
+jobs of a higher priority than the watermark's (a short scan: the index
+orders by priority first); one that finds too few jobs ahead looks behind it too,
 and the position is forgotten on every sweep (start, reconnection, the
 pending-job poller), so such a job waits at most until the queue ahead of it
 is drained or the next sweep.
@@ -38,11 +41,11 @@ class Watermark:
     def __init__(self) -> None:
         self.position: Position | None = None
 
-    def advance(self, run_after: datetime | None, job_id: str) -> None:
-        """A job at ``(run_after, job_id)`` was claimed."""
+    def advance(self, priority: int, run_after: datetime | None, job_id: str) -> None:
+        """A job of ``priority`` at ``(run_after, job_id)`` was claimed."""
         if run_after is None:
             return
-        position = (run_after, int(job_id))
+        position = (-priority, run_after, int(job_id))
         if self.position is None or position > self.position:
             self.position = position
 

@@ -5,8 +5,9 @@ SKIP LOCKED; SAVEPOINT`` (one round trip), runs the handler with the job and
 its transaction in context variables, then records the outcome decided by
 ``neoq_anyio._outcome``: it marks the job processed and commits, or rolls
 back to the savepoint (undoing the handler's writes while keeping the row
-lock), records the failure with Go neoq's backoff or moves the job to the
-dead jobs, and commits. A process that dies mid-job loses nothing: its
+lock), records the failure with its backoff (the handler's, or Go neoq's),
+a snooze (only ``run_after`` moves), or moves the job to the dead jobs, and
+commits. A process that dies mid-job loses nothing: its
 transaction aborts and the job is due again.
 
 If the worker is cancelled mid-job (shutdown past ``shutdown_timeout``), the
@@ -55,6 +56,7 @@ __all__ = ["QueueWorkers"]
 
 _ERROR_PAUSE = 1.0  # seconds a worker rests after a database error, doubling with each in a row
 _MAX_ERROR_PAUSE = 30.0
+_DUE_LATER = ("retry", "snooze")  # outcomes whose job comes due again: wake its queue then
 
 
 class QueueWorkers:
@@ -193,7 +195,8 @@ class QueueWorkers:
             if self._observer is not None:
                 observed.append(self._observer.job_started(job))
             exc = await call_handler(self.handler, job, self._timeout, conn)
-            outcome = decide(job, exc or self._store.handler_broke_transaction(conn))
+            error = exc or self._store.handler_broke_transaction(conn)
+            outcome = decide(job, error, self.handler.backoff)
         assert job.id is not None  # a stored job
         try:
             await self._store.record(conn, job.id, outcome)
@@ -202,12 +205,12 @@ class QueueWorkers:
                 return job, outcome, exc
             # Still holding the row (a deferred constraint the handler broke,
             # a twin's failure committed meanwhile): once more, as a failure.
-            outcome = after_failed_record(job, outcome, exc)
+            outcome = after_failed_record(job, outcome, exc, self.handler.backoff)
             try:
                 await self._store.record(conn, job.id, outcome)
             except DatabaseError as again:
                 return job, outcome, again
-        if outcome.kind == "retry":
+        if outcome.kind in _DUE_LATER:
             self._on_retry(job.id, job.queue, outcome.delay)
         return job, outcome, None
 
@@ -226,7 +229,7 @@ class QueueWorkers:
         meanwhile is theirs; one that cannot be recorded at all is held back.
         """
         assert job.id is not None  # a stored job
-        outcome = after_failed_record(job, outcome, failure)
+        outcome = after_failed_record(job, outcome, failure, self.handler.backoff)
         queue = job.queue
         extra = {"job_id": job.id, "queue": queue}
         self._log.warning(
@@ -260,6 +263,6 @@ class QueueWorkers:
                 queue,
                 extra=extra,
             )
-        elif outcome.kind == "retry":
+        elif outcome.kind in _DUE_LATER:
             self._on_retry(job.id, queue, outcome.delay)
         return outcome, recorded

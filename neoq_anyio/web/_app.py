@@ -9,6 +9,8 @@ behind the token when there is one (``_security``):
 * ``GET /jobs?queue=&status=&before=&limit=``: jobs, newest first, paged by
   id; ``GET /jobs/ID``: one job; ``GET /api/jobs/ID`` as JSON.
 * ``POST /jobs/ID/retry|cancel|delete``: the actions (403 when read-only).
+* ``POST /queues/QUEUE/pause|resume``: pause or resume a queue (403 when
+  read-only).
 * ``GET /metrics``: Prometheus's text format (``_metrics``).
 * ``GET|POST /login``, ``POST /logout``: the browser session, with a token.
 """
@@ -75,8 +77,8 @@ def create_app(
 
     Args:
         nq: the backend to show, from ``open_backend``.
-        read_only: show no retry, cancel or delete buttons, and refuse those
-            actions with 403.
+        read_only: show no retry, cancel, delete, pause or resume buttons,
+            and refuse those actions with 403.
         token: when given, every page, ``/api/*`` and ``/metrics`` require it,
             as ``Authorization: Bearer TOKEN`` or through the session cookie
             a browser gets from the login form or ``?token=TOKEN``.
@@ -156,6 +158,14 @@ class _Dashboard:
             *(
                 Route(f"/jobs/{{job_id}}/{action}", protect(self._action(action)), methods=["POST"])
                 for action in ("retry", "cancel", "delete")
+            ),
+            *(
+                Route(
+                    f"/queues/{{queue:path}}/{action}",
+                    protect(self._queue_action(action)),
+                    methods=["POST"],
+                )
+                for action in ("pause", "resume")
             ),
             Route("/api/stats", protect(self.api_stats)),
             Route("/api/jobs/{job_id}", protect(self.api_job)),
@@ -346,13 +356,32 @@ class _Dashboard:
 
     def _action(self, action: str) -> Endpoint:
         async def act(request: Request, credentials: Credentials) -> Response:
+            return await self._act(request, credentials, action, request.path_params["job_id"])
+
+        return self._guarded(act)
+
+    def _queue_action(self, action: str) -> Endpoint:
+        async def act(request: Request, credentials: Credentials) -> Response:
+            queue = request.path_params["queue"]
+            if action == "pause":
+                await self.nq.pause_queue(queue)
+            else:
+                await self.nq.resume_queue(queue)
+            return RedirectResponse(Links(_root(request)).home(), status_code=303)
+
+        return self._guarded(act)
+
+    def _guarded(self, perform: Endpoint) -> Endpoint:
+        """``perform`` as a form's POST: refused when read-only, too large or forged."""
+
+        async def act(request: Request, credentials: Credentials) -> Response:
             if self.read_only:
                 return self._error(
                     request,
                     credentials,
                     403,
                     "Read-only",
-                    "This dashboard is read-only: it retries, cancels and deletes nothing.",
+                    "This dashboard is read-only: it changes no job and no queue.",
                 )
             form = await _read_form(request)
             if form is None:
@@ -360,7 +389,7 @@ class _Dashboard:
             forged = self.guard.forgery(request, credentials, form)
             if forged is not None:
                 return self._error(request, credentials, 403, "Refused", forged)
-            return await self._act(request, credentials, action, request.path_params["job_id"])
+            return await perform(request, credentials)
 
         return act
 

@@ -94,6 +94,8 @@ button.danger { color: #a0111f; }
 time { white-space: nowrap; }
 .actions { display: flex; gap: .6rem; margin: 1rem 0; }
 .actions form { margin: 0; }
+form.inline { display: inline; margin: 0; }
+form.inline button { padding: .05rem .4rem; font-size: 12px; }
 dl { display: grid; grid-template-columns: max-content 1fr; gap: .35rem 1.5rem; margin: 0; }
 dt { color: var(--muted); }
 dd { margin: 0; overflow-wrap: anywhere; }
@@ -129,8 +131,13 @@ SCRIPT = """
           rows.set(row.dataset.queue, row);
         }
         const names = data.queues.map((q) => q.queue);
-        if (names.length !== rows.size || names.some((name) => !rows.has(name))) {
-          window.location.reload();  // a queue came or went: the server draws the new table
+        if (
+          names.length !== rows.size ||
+          names.some((name) => !rows.has(name)) ||
+          data.queues.some((q) => String(q.paused) !== rows.get(q.queue).dataset.paused)
+        ) {
+          // A queue came, went, was paused or resumed: the server draws the new table.
+          window.location.reload();
           return;
         }
         for (const q of data.queues) {

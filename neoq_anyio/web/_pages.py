@@ -73,6 +73,9 @@ class Links:
         url = f"{self.root}/jobs/{quote(job_id, safe='')}"
         return f"{url}/{action}" if action else url
 
+    def queue(self, queue: str, action: str) -> str:
+        return f"{self.root}/queues/{quote(queue, safe='')}/{action}"
+
     def api_stats(self) -> str:
         return self.root + "/api/stats"
 
@@ -244,7 +247,8 @@ def queue_document(stat: QueueStats, rate: Rate | None) -> dict[str, Any]:
     }
 
 
-def _queue_row(links: Links, stat: QueueStats, rate: Rate | None) -> Markup:
+def _queue_row(chrome: Chrome, stat: QueueStats, rate: Rate | None) -> Markup:
+    links = chrome.links
     cells = queue_cells(stat, rate)
     counts: list[Markup] = []
     for name in _COUNTS:
@@ -262,15 +266,38 @@ def _queue_row(links: Links, stat: QueueStats, rate: Rate | None) -> Markup:
         )
     state = _badge("paused") if stat.paused else Markup("")
     return html(
-        '<tr data-queue="{queue}"><td class="wrap"><a href="{href}">{queue}</a> {state}</td>'
+        '<tr data-queue="{queue}" data-paused="{paused}"><td class="wrap">'
+        '<a href="{href}">{queue}</a> {state}</td>'
         '{counts}<td class="num" data-field="oldest_due">{oldest}</td>'
-        '<td class="num" data-field="throughput">{rate}</td></tr>',
+        '<td class="num" data-field="throughput">{rate}</td>{toggle}</tr>',
         queue=stat.queue,
+        paused="true" if stat.paused else "false",
         href=links.jobs(queue=stat.queue),
         state=state,
+        toggle=_pause_toggle(chrome, stat),
         counts=join(counts),
         oldest=cells["oldest_due"],
         rate=cells["throughput"],
+    )
+
+
+def _pause_toggle(chrome: Chrome, stat: QueueStats) -> Markup:
+    """The queue's Pause or Resume button, in a cell; none when read-only."""
+    if chrome.read_only:
+        return Markup("")
+    action, label, title = (
+        ("resume", "Resume", "let workers take this queue's jobs again")
+        if stat.paused
+        else ("pause", "Pause", "stop every worker taking this queue's jobs until resumed")
+    )
+    return html(
+        '<td><form class="inline" method="post" action="{action}">'
+        '<input type="hidden" name="csrf" value="{csrf}">'
+        '<button type="submit" title="{title}">{label}</button></form></td>',
+        action=chrome.links.queue(stat.queue, action),
+        csrf=chrome.csrf,
+        title=title,
+        label=label,
     )
 
 
@@ -283,7 +310,7 @@ def overview_page(
 ) -> Markup:
     links = chrome.links
     if stats:
-        rows = join(_queue_row(links, stat, rates.get(stat.queue)) for stat in stats)
+        rows = join(_queue_row(chrome, stat, rates.get(stat.queue)) for stat in stats)
         table = html(
             '<table data-stats-url="{api}" data-refresh-ms="5000"><thead><tr><th>Queue</th>'
             '<th class="num" title="runnable now">Due</th>'
@@ -294,13 +321,14 @@ def overview_page(
             '<th class="num">Dead</th>'
             '<th class="num" title="how long the oldest due job has waited">Oldest due</th>'
             '<th class="num" title="growth of the processed count over the last minute this '
-            'dashboard watched; pruning makes it read low">Processed / min</th>'
+            'dashboard watched; pruning makes it read low">Processed / min</th>{toggle}'
             "</tr></thead><tbody>{rows}</tbody></table>"
             '<p class="sub">Counts refresh every 5 s. Processed / min: the growth of the '
             "processed count over the last minute this dashboard watched (shown from its "
             "second look on); retention pruning makes it read low.</p>",
             api=links.api_stats(),
             rows=rows,
+            toggle=Markup("") if chrome.read_only else html("<th></th>"),
         )
     else:
         table = html(
