@@ -76,19 +76,25 @@ INSERT_JOB = (
     "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s) "
     "ON CONFLICT DO NOTHING RETURNING id"
 )
-NEXT_JOB = (
-    "SELECT id, fingerprint, queue, status, deadline, payload, retries, max_retries, "
-    "run_after, ran_at, created_at, error, trace_context "
-    "FROM neoq_jobs "
-    "WHERE queue = {} AND status <> 'processed' AND lease_token IS NULL "
-    "AND run_after <= now() "
-    "ORDER BY run_after, id "
-    "LIMIT 1 FOR UPDATE SKIP LOCKED"
+JOB_COLUMNS = (
+    "id, fingerprint, queue, status, deadline, payload, retries, max_retries, "
+    "run_after, ran_at, created_at, error, priority, trace_context"
 )
-RETRIES_COLUMN = 6  # of NEXT_JOB's row
+RETRIES_COLUMN = 6  # of JOB_COLUMNS
 RUN_AFTER_COLUMN = 8
+PRIORITY_COLUMN = 12
+CLAIM_ORDER = "-priority::integer, run_after, id"  # neoq_anyio_jobs_ready_idx's key
 
-Position = tuple[datetime, int]  # (run_after, id) of the last job taken: the watermark
+Position = tuple[int, datetime, int]  # (-priority, run_after, id): the watermark
+
+
+def next_job(queue: str, extra: str = "", limit: str = "1") -> str:
+    return (
+        f"SELECT {JOB_COLUMNS} FROM neoq_jobs WHERE queue = {queue} "
+        "AND status <> 'processed' AND lease_token IS NULL "
+        f"AND run_after <= now(){extra} ORDER BY {CLAIM_ORDER} "
+        f"LIMIT {limit} FOR UPDATE SKIP LOCKED"
+    )
 
 
 def take_job(
@@ -98,24 +104,36 @@ def take_job(
     *,
     behind: bool = False,
 ) -> str:
-    """``BEGIN; <the locking SELECT>; SAVEPOINT``, sent in one simple-protocol round trip;
-    only jobs after ``position`` in claim order (``behind``: at or before it), as the
-    backend's watermark does (neoq_anyio/_postgres/_watermark.py)."""
-    select = sql.SQL(NEXT_JOB).format(sql.Literal(queue)).as_string(conn)
-    if position is not None:
-        run_after, job_id = position
-        condition = (
-            f"AND (run_after, id) {'<=' if behind else '>'} "
-            f"('{run_after.isoformat()}'::timestamptz, {job_id:d}) "
-        )
-        select = select.replace("AND run_after <= now()", condition + "AND run_after <= now()")
+    """``BEGIN; <the locking SELECT>; SAVEPOINT``, sent in one simple-protocol round
+    trip; only jobs after ``position`` in claim order, or of a higher priority
+    (``behind``: at or before it), as the backend's watermark does
+    (neoq_anyio/_postgres/_watermark.py, ``TakeQuery``)."""
+    literal = sql.Literal(queue).as_string(conn)
+    if position is None:
+        select = next_job(literal)
+    else:
+        negated, run_after, job_id = position
+        key = f"({negated:d}, '{run_after.isoformat()}'::timestamptz, {job_id:d})"
+        if behind:
+            select = next_job(literal, f" AND (-priority::integer, run_after, id) <= {key}")
+        else:
+            higher = next_job(literal, f" AND -priority::integer < {negated:d}")
+            ahead = next_job(
+                literal,
+                f" AND (-priority::integer, run_after, id) > {key}",
+                "(1 - (SELECT count(*) FROM higher))",
+            )
+            select = (
+                f"WITH higher AS ({higher}), ahead AS ({ahead}) "
+                "SELECT * FROM higher UNION ALL SELECT * FROM ahead"
+            )
     return f"BEGIN; {select}; SAVEPOINT neoq_job"
 
 
 def complete_job(job_id: int, retries: int) -> str:
     """Mark a job processed and commit its transaction."""
     return (
-        "SET CONSTRAINTS ALL IMMEDIATE; "
+        "SET CONSTRAINTS ALL IMMEDIATE; RELEASE SAVEPOINT neoq_job; "
         "UPDATE neoq_jobs SET status = 'processed', ran_at = now(), error = NULL, "
         f"retries = {retries:d} WHERE id = {job_id:d}; COMMIT"
     )
@@ -230,7 +248,7 @@ def bench_process_floor(dsn: str, count: int, concurrency: int, sync: bool = Fal
                     row = await take(conn, position, behind=True)
                 if row is None:
                     return
-                taken = (row[RUN_AFTER_COLUMN], row[0])
+                taken = (-row[PRIORITY_COLUMN], row[RUN_AFTER_COLUMN], row[0])
                 if watermark is None or taken > watermark:
                     watermark = taken
                 await conn.execute(complete_job(row[0], row[RETRIES_COLUMN] or 0))

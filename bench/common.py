@@ -96,11 +96,13 @@ def describe_server(dsn: str) -> str:
 LEASE_COLUMNS = (
     "ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS lease_token bigint; "
     "ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS lease_expires_at timestamptz; "
-    "CREATE INDEX IF NOT EXISTS neoq_anyio_jobs_ready_idx ON neoq_jobs (queue, run_after, id) "
+    "ALTER TABLE neoq_jobs ADD COLUMN IF NOT EXISTS priority smallint NOT NULL DEFAULT 0; "
+    "CREATE INDEX IF NOT EXISTS neoq_anyio_jobs_ready_idx "
+    "ON neoq_jobs (queue, (-priority::integer), run_after, id) "
     "WHERE status <> 'processed' AND lease_token IS NULL"
 )
-"""What version 5 of schema.sql adds for lease mode, for a floor run on a
-schema from before it (the floors' statements name the lease columns)."""
+"""What schema.sql's lease and priority versions add, for a floor run on a
+schema from before them (the floors' statements name these columns)."""
 
 
 def ensure_lease_columns(dsn: str) -> None:

@@ -46,13 +46,14 @@ from neoq_anyio import open_backend
 # sessions are in UTC, so the trigger announces due jobs); keep it in step with it.
 INSERT_BATCH = (
     "INSERT INTO neoq_jobs "
-    "(queue, fingerprint, payload, run_after, deadline, max_retries, trace_context) "
+    "(queue, fingerprint, payload, run_after, deadline, max_retries, trace_context, "
+    "priority) "
     "SELECT queue, fingerprint, payload::jsonb, coalesce(run_after, now()), deadline, "
-    "coalesce(max_retries, 23), trace_context::jsonb "
+    "coalesce(max_retries, 23), trace_context::jsonb, priority "
     "FROM unnest(%s::text[], %s::text[], %s::text[], %s::timestamptz[], "
-    "%s::timestamptz[], %s::int4[], %s::text[]) WITH ORDINALITY "
+    "%s::timestamptz[], %s::int4[], %s::text[], %s::int2[]) WITH ORDINALITY "
     "AS batch (queue, fingerprint, payload, run_after, deadline, max_retries, "
-    "trace_context, position) "
+    "trace_context, priority, position) "
     "ORDER BY position "
     "ON CONFLICT DO NOTHING RETURNING id, queue, fingerprint"
 )
@@ -92,6 +93,7 @@ def bench_floor(dsn: str, count: int, batch: int, sync: bool) -> float:
             nulls,
             nulls,
             nulls,
+            [0] * batch,
         )
 
     async def main() -> float:

@@ -48,6 +48,8 @@ from __future__ import annotations
 import argparse
 import logging
 import multiprocessing
+import multiprocessing.process
+import queue
 import sys
 import threading
 import time
@@ -79,6 +81,7 @@ PENDING_CHECK = 5.0
 LATENCY_SPACING = 0.02  # seconds between the latency phase's enqueues
 SAMPLE_EVERY = 0.05  # seconds between looks at pg_stat_activity
 READY_TIMEOUT = 60.0
+DRAIN_TIMEOUT = 180.0  # seconds a run may take to process its jobs
 
 
 @dataclass
@@ -190,17 +193,24 @@ class ServerSampler:
             self._stop.wait(SAMPLE_EVERY)
 
 
-def wait_processed(direct_dsn: str, count: int, timeout: float) -> None:
+def wait_processed(
+    dsn: str, count: int, timeout: float, workers: list[multiprocessing.process.BaseProcess]
+) -> None:
+    """Until ``count`` jobs are processed; raises if that takes longer than
+    ``timeout`` seconds, or a worker process ended (it failed)."""
     deadline = time.monotonic() + timeout
-    with psycopg.connect(direct_dsn, autocommit=True) as conn:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         while True:
             row = conn.execute(
                 "SELECT count(*) FROM neoq_jobs WHERE status = 'processed'"
             ).fetchone()
-            if row and row[0] >= count:
+            done = int(row[0]) if row else 0
+            if done >= count:
                 return
+            if not all(worker.is_alive() for worker in workers):
+                raise RuntimeError(f"a worker process ended ({done} of {count} jobs processed)")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{row[0] if row else 0} of {count} jobs processed")
+                raise TimeoutError(f"{done} of {count} jobs processed in {timeout:g} s")
             time.sleep(0.01)
 
 
@@ -233,6 +243,15 @@ class Plan:
     jobs: int
     latency_jobs: int
     server_dsn: str
+
+
+def _outcome(results: Any) -> dict[str, Any]:
+    """A worker's report, or what is known when none comes."""
+    try:
+        outcome: dict[str, Any] = results.get(timeout=60)
+    except queue.Empty:
+        return {"error": "no report"}
+    return outcome
 
 
 def measure(plan: Plan, bouncer: PgBouncer, execution: str, way: str, processes: int) -> Result:
@@ -269,13 +288,16 @@ def measure(plan: Plan, bouncer: PgBouncer, execution: str, way: str, processes:
             with ServerSampler(plan.server_dsn, database.role) as sampler:
                 started = time.perf_counter()
                 go.set()
-                wait_processed(own, plan.jobs, timeout=600)
+                wait_processed(own, plan.jobs, DRAIN_TIMEOUT, workers)
                 elapsed = time.perf_counter() - started
             anyio.run(enqueue_spaced, dsn, options, plan.latency_jobs)
-            wait_processed(own, plan.jobs + plan.latency_jobs, timeout=120)
-        finally:
+            wait_processed(own, plan.jobs + plan.latency_jobs, DRAIN_TIMEOUT, workers)
+        except BaseException as exc:
             stop.set()
-        outcomes = [results.get(timeout=60) for _ in workers]
+            details = [_outcome(results) for _ in workers]
+            raise RuntimeError(f"{exc}; workers: {details}") from exc
+        stop.set()
+        outcomes = [_outcome(results) for _ in workers]
         for worker in workers:
             worker.join(30)
     errors = [o["error"] for o in outcomes if "error" in o]
@@ -371,11 +393,15 @@ def main() -> None:
         best: dict[tuple[str, str, int], Result] = {}
         for _ in range(args.rounds):
             for key in configurations:
-                result = measure(plan, bouncer, *key)
+                try:
+                    result = measure(plan, bouncer, *key)
+                except Exception as exc:  # a failed run leaves a hole, not a dead bench
+                    print(f"{' '.join(map(str, key))}: failed: {exc}", file=sys.stderr, flush=True)
+                    continue
                 print_results([result])
                 sys.stdout.flush()
                 best[key] = best_of(best.get(key), result)
-        results = [best[key] for key in configurations]
+        results = [best[key] for key in configurations if key in best]
     print()
     print_results(results)
     by_key = {(r.execution, r.way, r.processes): r.jobs_per_second for r in results}

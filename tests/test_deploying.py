@@ -69,6 +69,26 @@ async def test_the_documented_grants_are_enough(dsn: str, schema_name: str, role
         await nq.start_cron("@every 1s", Handler("ticks", tick))  # claims cron ticks
         with anyio.fail_after(10):
             await ticked.wait()
+        limited = anyio.Event()
+
+        async def lease(job: Job) -> None:
+            limited.set()
+
+        # Lease mode with global limits: slots and rate windows.
+        await nq.start(
+            Handler(
+                "limited",
+                lease,
+                execution="lease",
+                global_concurrency=2,
+                rate_limit=(10, 1),
+            )
+        )
+        await nq.pause_queue("limited")
+        await nq.resume_queue("limited")
+        await nq.enqueue(Job("limited", {"n": "leased"}))
+        with anyio.fail_after(10):
+            await limited.wait()
     assert sorted(seen) == ["in a transaction", "plain"]
 
 

@@ -3,6 +3,9 @@ backends on one database): ``global_concurrency`` and ``rate_limit``."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from collections import Counter
 from typing import Any
 
@@ -145,3 +148,63 @@ async def test_memory_backend_bounds_concurrency_and_refuses_rate_limits() -> No
         with pytest.raises(ConfigurationError, match="rate_limit"):
             await nq.start(Handler("r", gauge, execution="lease", rate_limit=(1, 1)))
     assert gauge.peak == 2
+
+
+CHILD = """
+import os, anyio
+from neoq_anyio import Handler, current_transaction, open_backend
+
+async def work(job):
+    tx = current_transaction()
+    await tx.execute("INSERT INTO runs VALUES (%s, clock_timestamp(), NULL)", (int(job.id),))
+    await anyio.sleep(0.2)
+    await tx.execute("UPDATE runs SET ended = clock_timestamp() WHERE job = %s", (int(job.id),))
+
+async def main():
+    async with open_backend(os.environ["NEOQ_CHILD_DSN"], job_check_interval=0.05) as nq:
+        await nq.start(Handler("fleet", work, concurrency=4, execution="lease",
+                               global_concurrency=2))
+        await anyio.sleep_forever()
+
+anyio.run(main, backend=os.environ["NEOQ_CHILD_LOOP"])
+"""
+
+
+async def test_global_concurrency_holds_across_processes(
+    dsn: str, db: Database, anyio_backend: tuple[str, dict[str, Any]]
+) -> None:
+    jobs = 12
+    async with backend(dsn) as nq:  # the schema, the table, the jobs
+        async with nq.connection() as conn:
+            await conn.execute(
+                "CREATE TABLE runs (job bigint, started timestamptz, ended timestamptz)"
+            )
+        await nq.enqueue_many([Job("fleet", {"n": n}) for n in range(jobs)])
+    env = {**os.environ, "NEOQ_CHILD_DSN": dsn, "NEOQ_CHILD_LOOP": anyio_backend[0]}
+    children = [
+        await anyio.open_process(
+            [sys.executable, "-c", CHILD],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(2)
+    ]
+    try:
+        await db.wait_for(
+            "SELECT count(*) FROM runs WHERE ended IS NOT NULL",
+            lambda n: n == jobs,
+            timeout=30,
+        )
+    finally:
+        for child in children:
+            child.terminate()
+        with anyio.move_on_after(10, shield=True):
+            for child in children:
+                await child.wait()
+    # The most runs in progress at once, from the database's own clock.
+    peak = await db.value(
+        "SELECT max(c) FROM (SELECT (SELECT count(*) FROM runs AS o "
+        "WHERE o.started <= r.started AND o.ended > r.started) AS c FROM runs AS r) AS at_starts"
+    )
+    assert peak == 2
