@@ -31,7 +31,10 @@ and for 1, 2, 4 and 8 worker processes (each its own ``open_backend``):
 
 First, for each way, one process enqueues ``--enqueue-jobs`` jobs (2,000),
 one ``enqueue()`` at a time: what no prepared statements and PgBouncer's hop
-cost on the enqueue path.
+cost on the enqueue path. One more way is measured there,
+``direct+pooler``: straight to PostgreSQL with ``pooler="transaction"``,
+which isolates the cost of the option itself. ``--enqueue-only`` stops
+after that.
 
 With ``--rounds N`` (2) every configuration runs N times, the
 configurations taking turns, and the best of each figure is kept, so a burst
@@ -100,6 +103,8 @@ def backend_options(way: str, database: PooledDatabase) -> tuple[str, dict[str, 
     """The connection string and ``open_backend`` options of a way to the database."""
     if way == "direct":
         return database.direct_dsn, {}
+    if way == "direct+pooler":
+        return database.direct_dsn, {"pooler": "transaction"}
     options: dict[str, Any] = {"pooler": "transaction"}
     if way == "pgbouncer+listen":
         options["listen_connection_string"] = database.direct_dsn
@@ -354,6 +359,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=int, help="backlog size (20,000; --quick 3,000)")
     parser.add_argument("--latency-jobs", type=int, default=100)
     parser.add_argument("--enqueue-jobs", type=int, default=2_000)
+    parser.add_argument("--enqueue-only", action="store_true", help="only the enqueue figures")
     parser.add_argument("--pool-size", type=int, default=20, help="PgBouncer's server sessions")
     parser.add_argument("--rounds", type=int, default=2, help="runs per configuration (best kept)")
     parser.add_argument("--execution", choices=sorted(CONCURRENCY), action="append")
@@ -378,12 +384,14 @@ def main() -> None:
         plan = Plan(jobs, args.latency_jobs, server_dsn)
         rates: dict[str, float] = {}
         for _ in range(args.rounds):
-            for way in args.way or WAYS:
+            for way in [*(args.way or WAYS), "direct+pooler"]:
                 rate = measure_enqueue(bouncer, way, args.enqueue_jobs)
                 rates[way] = max(rates.get(way, 0.0), rate)
         for way, rate in rates.items():
             print(f"enqueue, one per call, {way:<17} {rate:>8.0f} jobs/s", flush=True)
         print()
+        if args.enqueue_only:
+            return
         configurations = [
             (execution, way, processes)
             for execution in args.execution or ("lease", "transaction")

@@ -155,9 +155,7 @@ def _wait_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> N
 
 
 @contextmanager
-def start_pgbouncer(
-    server_dsn: str, *, pool_size: int = DEFAULT_POOL_SIZE
-) -> Iterator[PgBouncer]:
+def start_pgbouncer(server_dsn: str, *, pool_size: int = DEFAULT_POOL_SIZE) -> Iterator[PgBouncer]:
     """Run a PgBouncer in front of ``server_dsn``'s server for the block, with
     ``pool_size`` server sessions per database and role.
 

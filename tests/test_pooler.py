@@ -148,9 +148,10 @@ async def test_jobs_run_through_the_pooler(
 async def test_a_job_enqueued_by_another_process_runs(
     pooled: PooledDatabase, wakeups: dict[str, Any], execution: Execution
 ) -> None:
-    # No local wake-up: the worker learns of it from the poller or a notification.
+    # No local wake-up: the worker learns of it from a notification, or from
+    # the poller, which runs every job_check_interval when it is all there is.
     handled = Recorder()
-    async with pooled_backend(pooled.dsn, **wakeups) as worker:
+    async with pooled_backend(pooled.dsn, **wakeups, pending_job_check_interval=60) as worker:
         await worker.start(Handler("work", handled, execution=execution))
         async with pooled_backend(pooled.dsn, pooler="transaction") as app:
             await app.enqueue(Job("work", {"from": "app"}))
@@ -281,6 +282,54 @@ async def test_enqueue_many_through_the_pooler(
             assert None not in ids
         await handled.wait()
     assert sorted((job.payload or {})["n"] for job in handled.jobs) == list(range(40))
+
+
+# -- queue control and global limits -----------------------------------------------------
+
+
+async def test_pause_and_resume_through_the_pooler(
+    pooled: PooledDatabase, wakeups: dict[str, Any]
+) -> None:
+    handled = Recorder()
+    async with pooled_backend(pooled.dsn, **wakeups) as worker:
+        await worker.start(Handler("work", handled, execution="lease"))
+        await worker.pause_queue("work")
+        await worker.enqueue(Job("work", {}))
+        with anyio.move_on_after(0.5):  # paused: it waits
+            await handled.done.wait()
+        assert not handled.jobs
+        # Resumed from another process: this one learns of it by a
+        # notification, or by its next look at the paused queues.
+        async with pooled_backend(pooled.dsn, **wakeups) as app:
+            await app.resume_queue("work")
+        await handled.wait()
+
+
+async def test_global_concurrency_through_the_pooler(
+    pooled: PooledDatabase, wakeups: dict[str, Any]
+) -> None:
+    running = 0
+    most = 0
+    done = Recorder(12)
+
+    async def handle(job: Job) -> None:
+        nonlocal running, most
+        running += 1
+        most = max(most, running)
+        await anyio.sleep(0.05)  # the job's work: long enough to overlap
+        running -= 1
+        await done(job)
+
+    handler = Handler("work", handle, execution="lease", concurrency=5, global_concurrency=2)
+    async with (
+        pooled_backend(pooled.dsn, **wakeups) as first,
+        pooled_backend(pooled.dsn, **wakeups) as second,
+    ):
+        await first.start(handler)
+        await second.start(handler)
+        await first.enqueue_many([Job("work", {"n": n}) for n in range(12)])
+        await done.wait(20)
+    assert most <= 2
 
 
 # -- managing jobs, retention -------------------------------------------------------------

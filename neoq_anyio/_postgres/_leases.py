@@ -258,7 +258,7 @@ class LeaseStore:
         with map_errors(self._log.redact, "cannot extend leases"):
             conn = await self._pool.acquire(worker=True)
             try:
-                cur = await conn.execute(self._extend, (seconds, ids, tokens))
+                cur = await conn.execute(self._extend, (seconds, ids, tokens, ids))
                 rows = await cur.fetchall()
             finally:
                 await self._pool.release(conn)
@@ -274,7 +274,7 @@ class LeaseStore:
         with map_errors(self._log.redact, "cannot give back leases"):
             conn = await self._pool.acquire(worker=True)
             try:
-                cur = await conn.execute(self._release, (ids, tokens, retries, lost))
+                cur = await conn.execute(self._release, (ids, tokens, retries, lost, ids))
                 rows = await cur.fetchall()
             finally:
                 await self._pool.release(conn)
@@ -317,7 +317,7 @@ class LeaseStore:
         with map_errors(self._log.redact, doing):
             conn = await self._pool.acquire(worker=True)
             try:
-                rows = await (await conn.execute(query, (ids, tokens))).fetchall()
+                rows = await (await conn.execute(query, (ids, tokens, ids))).fetchall()
             finally:
                 await self._pool.release(conn)
         return {str(row[0]) for row in rows}

@@ -70,7 +70,7 @@ def claim_limited(*, expired: bool, slots: bool, rate: bool, leased: str) -> str
         limit = f"least({limit}, (SELECT count(*) FROM free))"
     if expired:
         ctes.append(
-            "c AS (SELECT id, coalesce(retries, 0) AS retries, lease_token AS token "
+            "c AS (SELECT id, ctid, coalesce(retries, 0) AS retries, lease_token AS token "
             "FROM neoq_jobs WHERE queue = %(queue)s AND lease_token IS NOT NULL "
             "AND lease_expires_at <= now() AND lease_expires_at > %(since)s "
             f"ORDER BY lease_expires_at LIMIT {limit} FOR UPDATE SKIP LOCKED)"
@@ -78,7 +78,7 @@ def claim_limited(*, expired: bool, slots: bool, rate: bool, leased: str) -> str
         retries = "c.retries + 1, error = %(error)s"
     else:
         ctes.append(
-            "c AS (SELECT id, coalesce(retries, 0) AS retries, NULL::bigint AS token "
+            "c AS (SELECT id, ctid, coalesce(retries, 0) AS retries, NULL::bigint AS token "
             "FROM neoq_jobs WHERE queue = %(queue)s AND status <> 'processed' "
             "AND lease_token IS NULL AND run_after <= now() "
             f"ORDER BY -priority::integer, run_after, id LIMIT {limit} FOR UPDATE SKIP LOCKED)"
@@ -87,7 +87,7 @@ def claim_limited(*, expired: bool, slots: bool, rate: bool, leased: str) -> str
     ctes.append(
         "claimed AS (UPDATE neoq_jobs AS j SET lease_token = txid_current(), "
         "lease_expires_at = now() + make_interval(secs => %(lease)s), "
-        f"retries = {retries} FROM c WHERE j.id = c.id RETURNING {leased})"
+        f"retries = {retries} FROM c WHERE j.ctid = c.ctid RETURNING {leased})"
     )
     if slots:
         ctes.append("cn AS (SELECT id, row_number() OVER (ORDER BY id) AS rn FROM c)")

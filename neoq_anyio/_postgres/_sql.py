@@ -436,7 +436,7 @@ def claim_ready(*, after: bool = False, behind: bool = False) -> str:
 def _claim_ready(*, after: bool, behind: bool) -> str:
     def part(extra: str, limit: str) -> str:
         return (
-            "SELECT id, coalesce(retries, 0) AS retries, NULL::bigint AS token "
+            "SELECT id, ctid, coalesce(retries, 0) AS retries, NULL::bigint AS token "
             f"FROM neoq_jobs WHERE queue = %(queue)s AND {_READY} AND run_after <= now(){extra} "
             f"ORDER BY {CLAIM_ORDER} LIMIT {limit} FOR UPDATE SKIP LOCKED"
         )
@@ -462,7 +462,7 @@ def _claim_ready(*, after: bool, behind: bool) -> str:
         "UPDATE neoq_jobs AS j SET lease_token = txid_current(), "
         "lease_expires_at = now() + make_interval(secs => %(lease)s), "
         "retries = c.retries + (j.status = 'failed')::int "
-        f"FROM c WHERE j.id = c.id RETURNING {_LEASED}"
+        f"FROM c WHERE j.ctid = c.ctid RETURNING {_LEASED}"
     )
 
 
@@ -477,14 +477,14 @@ def claim_expired(settings: str = "") -> str:
     """``CLAIM_EXPIRED`` with ``settings`` (``PerTransaction.writes``)
     returned by the claiming UPDATE, behind a transaction pooler."""
     return (
-        "WITH c AS (SELECT id, coalesce(retries, 0) AS retries, lease_token AS token "
+        "WITH c AS (SELECT id, ctid, coalesce(retries, 0) AS retries, lease_token AS token "
         "FROM neoq_jobs WHERE queue = %(queue)s AND lease_token IS NOT NULL "
         "AND lease_expires_at <= now() AND lease_expires_at > %(since)s "
         "ORDER BY lease_expires_at LIMIT %(n)s FOR UPDATE SKIP LOCKED), "
         "claimed AS (UPDATE neoq_jobs AS j SET lease_token = txid_current(), "
         "lease_expires_at = now() + make_interval(secs => %(lease)s), "
         "retries = c.retries + 1, error = %(error)s "
-        f"FROM c WHERE j.id = c.id RETURNING {_LEASED}{settings}) "
+        f"FROM c WHERE j.ctid = c.ctid RETURNING {_LEASED}{settings}) "
         "SELECT now(), claimed.* FROM (SELECT) AS one LEFT JOIN claimed ON true"
     )
 
@@ -499,14 +499,17 @@ COMPLETE_LEASED: Final = (
     "UPDATE neoq_jobs AS j SET status = 'processed', ran_at = now(), error = NULL, "
     "lease_token = NULL, lease_expires_at = NULL "
     "FROM unnest(%s::bigint[], %s::bigint[]) AS d(id, token) "
-    "WHERE j.id = d.id AND j.lease_token = d.token RETURNING j.id"
+    "WHERE j.id = d.id AND j.lease_token = d.token AND j.id = ANY(%s::bigint[]) RETURNING j.id"
 )
-"""Mark leased jobs processed (ids, tokens); returns the ids whose lease held."""
+"""Mark leased jobs processed (ids, tokens, ids again); returns the ids whose
+lease held. The ids twice: as an index condition too, so the plan never scans
+the table (it would, joining on the unnest alone, on a table without
+statistics)."""
 
 EXTEND_LEASES: Final = (
     "UPDATE neoq_jobs AS j SET lease_expires_at = now() + make_interval(secs => %s) "
     "FROM unnest(%s::bigint[], %s::bigint[]) AS d(id, token) "
-    "WHERE j.id = d.id AND j.lease_token = d.token RETURNING j.id"
+    "WHERE j.id = d.id AND j.lease_token = d.token AND j.id = ANY(%s::bigint[]) RETURNING j.id"
 )
 """The heartbeat: extend leases (seconds, ids, tokens); returns the ids whose lease held."""
 
@@ -516,7 +519,7 @@ RELEASE_LEASES: Final = (
     "lease_expires_at = CASE WHEN d.lost THEN now() END, "
     "retries = d.retries "
     "FROM unnest(%s::bigint[], %s::bigint[], %s::int[], %s::bool[]) AS d(id, token, retries, lost) "
-    "WHERE j.id = d.id AND j.lease_token = d.token "
+    "WHERE j.id = d.id AND j.lease_token = d.token AND j.id = ANY(%s::bigint[]) "
     "RETURNING j.id, pg_notify(j.queue, j.id::text)"
 )
 """Give back leases of jobs cut short (ids, tokens, retries before the claim,

@@ -109,15 +109,23 @@ class QueueWorkers:
             self._idle = anyio.Event()
         self._running += 1
         errors = 0  # database errors in a row
+        again = False  # the last take found a job: take again before waiting
         try:
             while True:
-                wake = await self.wakeups.wait()
-                if wake is Wake.STOP:
-                    return
-                if wake is Wake.SWEEP and self.wakeups.sweeps != self._sweeps_seen:
-                    # Jobs may be anywhere, behind the watermark too.
-                    self._sweeps_seen = self.wakeups.sweeps
-                    self._store.watermark(self.handler.queue).reset()
+                wakeups = self.wakeups
+                # After a job, look again without a wake-up: the job a hint
+                # announced may have gone to another worker, whose own hint
+                # then announces nothing; waiting here could leave the last
+                # job of a burst to the pending-job poller.
+                if not (again and not wakeups.stopped and not wakeups.paused):
+                    wake = await wakeups.wait()
+                    if wake is Wake.STOP:
+                        return
+                    if wake is Wake.SWEEP and wakeups.sweeps != self._sweeps_seen:
+                        # Jobs may be anywhere, behind the watermark too.
+                        self._sweeps_seen = wakeups.sweeps
+                        self._store.watermark(self.handler.queue).reset()
+                again = False
                 mark = self.wakeups.mark()
                 try:
                     found = await self._take_and_run()
@@ -134,6 +142,7 @@ class QueueWorkers:
                     self.wakeups.retry()
                     continue
                 errors = 0
+                again = found
                 if not found:
                     self.wakeups.found_nothing(mark)
         finally:
