@@ -200,13 +200,19 @@ class TakeQuery:
         self.plain = self.text()
 
     def text(
-        self, *, skip: Collection[int] = (), position: Position | None = None, behind: bool = False
+        self,
+        *,
+        skip: Collection[int] = (),
+        position: Position | None = None,
+        behind: bool = False,
+        higher_first: bool = True,
     ) -> str:
         """The statement; ``skip``: ids of jobs not to take (held back after
         their outcome failed to record); ``position``: only jobs after it in
         claim order (``behind``: at or before it), see ``_watermark``. Jobs of
-        a higher priority than the position's come first: they are behind it,
-        but due before everything after it."""
+        a higher priority than the position's come first (unless not
+        ``higher_first``): they are behind it, but due before everything
+        after it."""
         base = ""
         if skip:
             base = f" AND id NOT IN ({', '.join(f'{int(job_id):d}' for job_id in skip)})"
@@ -214,6 +220,8 @@ class TakeQuery:
             select = self._part(base, "1")
         elif behind:
             select = self._part(base + position_condition(position, behind=True), "1")
+        elif not higher_first:
+            select = self._part(base + position_condition(position, behind=False), "1")
         else:
             higher = self._part(base + f" AND -priority::integer < {int(position[0]):d}", "1")
             after = base + position_condition(position, behind=False)

@@ -69,6 +69,13 @@ class Wakeups:
         self.sweeps += 1
         self._wake_all()
 
+    def take_hint(self) -> bool:
+        """Consume a pending hint without waiting; whether there was one."""
+        if self._hints and not self._paused:
+            self._hints -= 1
+            return True
+        return False
+
     def mark(self) -> int:
         """Taken before a fetch; pass it to ``found_nothing`` if the fetch is empty."""
         return self._received

@@ -117,7 +117,12 @@ class QueueWorkers:
                 # announced may have gone to another worker, whose own hint
                 # then announces nothing; waiting here could leave the last
                 # job of a burst to the pending-job poller.
-                if not (again and not wakeups.stopped and not wakeups.paused):
+                # A worker draining the queue skips the look for higher
+                # priorities (a third of a take) until a hint announces a job.
+                higher_first = True
+                if again and not wakeups.stopped and not wakeups.paused:
+                    higher_first = wakeups.take_hint()
+                else:
                     wake = await wakeups.wait()
                     if wake is Wake.STOP:
                         return
@@ -128,7 +133,7 @@ class QueueWorkers:
                 again = False
                 mark = self.wakeups.mark()
                 try:
-                    found = await self._take_and_run()
+                    found = await self._take_and_run(higher_first)
                 except DatabaseError as exc:
                     errors += 1
                     pause = min(_ERROR_PAUSE * 2 ** min(errors - 1, 10), _MAX_ERROR_PAUSE)
@@ -150,7 +155,7 @@ class QueueWorkers:
             if self._running == 0:
                 self._idle.set()
 
-    async def _take_and_run(self) -> bool:
+    async def _take_and_run(self, higher_first: bool = True) -> bool:
         """Take the next due job and run it; False when none was due, or
         shutdown began while this worker waited for a connection."""
         conn = await self._pool.acquire(math.inf, worker=True)
@@ -158,7 +163,7 @@ class QueueWorkers:
         try:
             if self.wakeups.stopped:  # shutdown began while we waited: take nothing
                 return False
-            taken = await self._store.take(conn, self.handler.queue)
+            taken = await self._store.take(conn, self.handler.queue, higher_first=higher_first)
             if taken is None:
                 return False
             self.in_flight += 1
