@@ -17,7 +17,7 @@ here, so every worker only stores the outcome's kind.
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 from ._control import MAX_DELAY_SECONDS, Discard, Snooze
@@ -25,6 +25,7 @@ from ._durations import to_seconds
 from ._exceptions import ConfigurationError, JobDeadlineError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from datetime import datetime
 
     from ._models import Backoff, Job
@@ -39,6 +40,7 @@ __all__ = [
     "handler_backoff",
     "hold_back_seconds",
     "refuse_to_run",
+    "scrubbed",
     "steered",
     "storable_text",
 ]
@@ -224,6 +226,15 @@ def after_failed_record(
     a discard, or a job refused unrun keeps its outcome.
     """
     return decide(job, error, backoff) if outcome.kind == "processed" else outcome
+
+
+def scrubbed(outcome: Outcome, redact: Callable[[str], str]) -> Outcome:
+    """``outcome`` with its error text passed through ``redact`` (an exception
+    message may quote the connection string and its password)."""
+    if outcome.error is None:
+        return outcome
+    error = redact(outcome.error)
+    return outcome if error == outcome.error else replace(outcome, error=error)
 
 
 def hold_back_seconds(failures: int) -> float:

@@ -143,14 +143,18 @@ log_disconnections = 0
 
 
 def _wait_listening(process: subprocess.Popen[bytes], port: int, log: Path) -> None:
+    """Poll the port until pgbouncer listens (bounded); between tries, wait on
+    the process itself, so an exit at startup is reported at once."""
     deadline = time.monotonic() + _STARTUP_TIMEOUT
     while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"pgbouncer exited at startup:\n{log.read_text(errors='replace')}")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
-        time.sleep(0.02)
+        try:
+            process.wait(timeout=0.02)
+        except subprocess.TimeoutExpired:
+            continue
+        raise RuntimeError(f"pgbouncer exited at startup:\n{log.read_text(errors='replace')}")
     raise RuntimeError(f"pgbouncer not listening within {_STARTUP_TIMEOUT:g} s")
 
 

@@ -11,12 +11,12 @@ ready jobs (``LeaseStore.claim_expired``), counting the lost attempt.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from neoq_anyio._exceptions import JobLostError, LeaseLostError
 from neoq_anyio._models import Job
-from neoq_anyio._outcome import Outcome, describe_error
+from neoq_anyio._outcome import Outcome, describe_error, scrubbed
 from neoq_anyio._pg._errors import map_errors
 
 from . import _sql
@@ -164,12 +164,7 @@ class LeaseStore:
         query = _sql.claim_ready(after=position is not None, behind=behind)
         if self._writes:
             query += self._writes
-        with map_errors(self._log.redact, f"cannot claim jobs from queue {queue!r}"):
-            conn = await self._pool.acquire(worker=True)
-            try:
-                rows = await (await conn.execute(query, params)).fetchall()
-            finally:
-                await self._pool.release(conn)
+        rows = await self._fetch(f"cannot claim jobs from queue {queue!r}", query, params)
         return [_lease_from_row(row) for row in rows]
 
     async def claim_limited(
@@ -198,12 +193,7 @@ class LeaseStore:
             rate=limits.rate is not None,
             leased=_sql.LEASED + self._writes,
         )
-        with map_errors(self._log.redact, f"cannot claim jobs from queue {queue!r}"):
-            conn = await self._pool.acquire(worker=True)
-            try:
-                rows = await (await conn.execute(query, params)).fetchall()
-            finally:
-                await self._pool.release(conn)
+        rows = await self._fetch(f"cannot claim jobs from queue {queue!r}", query, params)
         now, free, allowed = rows[0][:LIMITED_COLUMNS]
         leases = [
             _lease_from_row(row[LIMITED_COLUMNS:])
@@ -237,12 +227,8 @@ class LeaseStore:
             "since": since if not isinstance(since, float) else "-infinity",
             "error": LOST_ERROR,
         }
-        with map_errors(self._log.redact, f"cannot claim lost jobs of queue {queue!r}"):
-            conn = await self._pool.acquire(worker=True)
-            try:
-                rows = await (await conn.execute(self._claim_expired, params)).fetchall()
-            finally:
-                await self._pool.release(conn)
+        doing = f"cannot claim lost jobs of queue {queue!r}"
+        rows = await self._fetch(doing, self._claim_expired, params)
         now: datetime = rows[0][0]
         return now, [_lease_from_row(row[1:]) for row in rows if row[1] is not None]
 
@@ -255,13 +241,8 @@ class LeaseStore:
         """The heartbeat: extend leases by ``seconds`` from now; returns the
         ids whose lease held."""
         ids, tokens = _ids_and_tokens(leases)
-        with map_errors(self._log.redact, "cannot extend leases"):
-            conn = await self._pool.acquire(worker=True)
-            try:
-                cur = await conn.execute(self._extend, (seconds, ids, tokens, ids))
-                rows = await cur.fetchall()
-            finally:
-                await self._pool.release(conn)
+        params = (seconds, ids, tokens, ids)
+        rows = await self._fetch("cannot extend leases", self._extend, params)
         return {str(row[0]) for row in rows}
 
     async def release(self, leases: list[Lease]) -> set[str]:
@@ -271,18 +252,13 @@ class LeaseStore:
         tokens = [lease.token for lease in leases]
         retries = [lease.previous_retries for lease in leases]
         lost = [lease.took_over for lease in leases]
-        with map_errors(self._log.redact, "cannot give back leases"):
-            conn = await self._pool.acquire(worker=True)
-            try:
-                cur = await conn.execute(self._release, (ids, tokens, retries, lost, ids))
-                rows = await cur.fetchall()
-            finally:
-                await self._pool.release(conn)
+        params = (ids, tokens, retries, lost, ids)
+        rows = await self._fetch("cannot give back leases", self._release, params)
         return {str(row[0]) for row in rows}
 
     async def record(self, lease: Lease, outcome: Outcome) -> bool:
         """Record a failure, a snooze or a dead outcome; whether the lease held."""
-        outcome = self._scrubbed(outcome)
+        outcome = scrubbed(outcome, self._log.redact)
         with map_errors(self._log.redact, f"cannot record job {lease.id}"):
             conn = await self._pool.acquire(worker=True)
             try:
@@ -295,32 +271,29 @@ class LeaseStore:
     async def free_slots(self, queue: str, leases: list[Lease]) -> None:
         """Free the global-concurrency slots of jobs whose lease ended."""
         ids, tokens = _ids_and_tokens(leases)
-        with map_errors(self._log.redact, f"cannot free slots of queue {queue!r}"):
-            conn = await self._pool.acquire(worker=True)
-            try:
-                await conn.execute(FREE_SLOTS, (ids, tokens, queue))
-            finally:
-                await self._pool.release(conn)
+        await self._fetch(f"cannot free slots of queue {queue!r}", FREE_SLOTS, (ids, tokens, queue))
 
     async def extend_slots(self, queue: str, leases: list[Lease], seconds: float) -> None:
         """The slots' heartbeat: they expire with their jobs' leases."""
         ids, tokens = _ids_and_tokens(leases)
-        with map_errors(self._log.redact, f"cannot extend slots of queue {queue!r}"):
-            conn = await self._pool.acquire(worker=True)
-            try:
-                await conn.execute(EXTEND_SLOTS, (seconds, ids, tokens, queue))
-            finally:
-                await self._pool.release(conn)
+        params = (seconds, ids, tokens, queue)
+        await self._fetch(f"cannot extend slots of queue {queue!r}", EXTEND_SLOTS, params)
 
     async def _per_lease(self, query: str, leases: list[Lease], doing: str) -> set[str]:
         ids, tokens = _ids_and_tokens(leases)
+        rows = await self._fetch(doing, query, (ids, tokens, ids))
+        return {str(row[0]) for row in rows}
+
+    async def _fetch(self, doing: str, query: str, params: Any) -> list[tuple[Any, ...]]:
+        """Run one statement on a connection of the workers' share; its rows
+        (none for a statement without a result)."""
         with map_errors(self._log.redact, doing):
             conn = await self._pool.acquire(worker=True)
             try:
-                rows = await (await conn.execute(query, (ids, tokens, ids))).fetchall()
+                cur = await conn.execute(query, params)
+                return await cur.fetchall() if cur.description else []
             finally:
                 await self._pool.release(conn)
-        return {str(row[0]) for row in rows}
 
     # -- the job's own transaction (current_transaction() in lease mode) --------------
 
@@ -366,15 +339,9 @@ class LeaseStore:
             DatabaseError: the transaction is gone (its session ended);
                 nothing was recorded.
         """
-        outcome = self._scrubbed(outcome)
+        outcome = scrubbed(outcome, self._log.redact)
         with map_errors(self._log.redact, f"cannot record job {lease.id}"):
             cur = await conn.execute(_sql.record_locked(lease.id, lease.token, outcome, conn))
             cur.nextset()
             row = await cur.fetchone()
         return row is not None
-
-    def _scrubbed(self, outcome: Outcome) -> Outcome:
-        if outcome.error is None:
-            return outcome
-        error = self._log.redact(outcome.error)
-        return outcome if error == outcome.error else replace(outcome, error=error)

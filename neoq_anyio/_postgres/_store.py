@@ -10,7 +10,7 @@ and lease mode's claims belong too.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -19,7 +19,7 @@ from psycopg import pq
 from neoq_anyio._exceptions import DatabaseError, DuplicateJobError
 from neoq_anyio._fingerprint import encode_payload
 from neoq_anyio._models import Job
-from neoq_anyio._outcome import hold_back_seconds
+from neoq_anyio._outcome import hold_back_seconds, scrubbed
 from neoq_anyio._pg._connection import connect
 from neoq_anyio._pg._errors import map_errors
 
@@ -270,7 +270,9 @@ class JobStore:
             else f"cannot record job {job_id}"
         )
         with map_errors(self._log.redact, doing):
-            await conn.execute(_sql.record_outcome(job_id, self._scrubbed(outcome), conn))
+            await conn.execute(
+                _sql.record_outcome(job_id, scrubbed(outcome, self._log.redact), conn)
+            )
         if self._held_back:
             self._held_back.pop(job_id, None)
 
@@ -303,7 +305,7 @@ class JobStore:
             "run_after": taken.run_after,
             "ran_at": taken.ran_at,
         }
-        outcome = self._scrubbed(outcome)
+        outcome = scrubbed(outcome, self._log.redact)
         # Other workers of this process do not take the job meanwhile: it is
         # still this one's until ``done``.
         try:
@@ -329,14 +331,6 @@ class JobStore:
         for _ in range(_sql.RECORD_UNLOCKED_RESULT):
             cur.nextset()
         return await cur.fetchone()
-
-    def _scrubbed(self, outcome: Outcome) -> Outcome:
-        """``outcome`` with the connection string's password scrubbed from its
-        error text (an exception message may quote the connection string)."""
-        if outcome.error is None:
-            return outcome
-        error = self._log.redact(outcome.error)
-        return outcome if error == outcome.error else replace(outcome, error=error)
 
     def hold_back(self, job: Job) -> float:
         """Leave ``job`` alone in this process for a while, because its outcome
