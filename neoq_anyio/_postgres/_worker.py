@@ -157,11 +157,13 @@ class QueueWorkers:
 
     async def _take_and_run(self, higher_first: bool = True) -> bool:
         """Take the next due job and run it; False when none was due, or
-        shutdown began while this worker waited for a connection."""
+        shutdown or a pause began before the take."""
         conn = await self._pool.acquire(math.inf, worker=True)
         recorded = True
         try:
-            if self.wakeups.stopped:  # shutdown began while we waited: take nothing
+            # Shutdown began, or the queue was paused, while this worker waited
+            # for the connection (or ran the report of its last job): take nothing.
+            if self.wakeups.stopped or self.wakeups.paused:
                 return False
             taken = await self._store.take(conn, self.handler.queue, higher_first=higher_first)
             if taken is None:
