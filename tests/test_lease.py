@@ -484,3 +484,20 @@ async def test_job_timeout_and_deadline_in_lease_mode(dsn: str, db: Database) ->
     assert (
         await db.value(f"SELECT error FROM neoq_dead_jobs WHERE id = {int(late_id)}")
     ).startswith("JobDeadlineError")
+
+
+async def test_workers_idle_past_their_job_timeout_still_take_jobs(dsn: str, db: Database) -> None:
+    # A worker's timeout scope outlives its job: one that fires while the
+    # worker idles must leave no stale place in the idle line, where a job
+    # handed over would never run (its lease kept alive by heartbeats).
+    rec = Recorder(expected=1)
+    async with backend(dsn) as nq:
+        await nq.start(Handler("q", rec, execution="lease", job_timeout=0.1, concurrency=2))
+        await nq.enqueue(Job("q", {"n": 0}))
+        await rec.wait()
+        await anyio.sleep(0.3)  # the scenario: idle for three job timeouts
+        rec.expected, rec.done = 5, anyio.Event()
+        for n in range(1, 5):
+            await nq.enqueue(Job("q", {"n": n}))
+        await rec.wait(timeout=5)
+        assert sorted(job.payload["n"] for job in rec.jobs) == [0, 1, 2, 3, 4]

@@ -38,6 +38,7 @@ from psycopg import pq
 from neoq_anyio._exceptions import DatabaseError, LeaseLostError, PoolTimeoutError
 from neoq_anyio._execution import WorkerTimer, report, run_handler
 from neoq_anyio._outcome import after_failed_record, decide, refuse_to_run
+from neoq_anyio._sync import event_factory
 
 from ._lazy_transaction import LazyTransaction
 from ._leases import limits_of
@@ -89,17 +90,6 @@ class _Run:
         self.tx: LazyTransaction | None = None
 
 
-class _Idle:
-    """A worker waiting for a claimed job: handed one directly, or woken empty
-    (``run`` None) at shutdown."""
-
-    __slots__ = ("event", "run")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.run: _Run | None = None
-
-
 class LeaseWorkers:
     """Claims and runs the lease-mode jobs of one queue in this process.
 
@@ -147,7 +137,8 @@ class LeaseWorkers:
         self._lease = handler.lease_seconds
         self._runs: dict[str, _Run] = {}  # leases held (waiting or running), by id
         self._ready: deque[_Run] = deque()  # claimed, waiting for a worker
-        self._idle: deque[_Idle] = deque()  # workers waiting for a claimed job
+        self._idle: deque[anyio.Event] = deque()  # workers waiting for a claimed job
+        self._waking = False  # an idle worker was woken and has not looked yet
         self._closing = False  # workers return once idle
         self._slots_wanted = 0
         self._slots_freed: anyio.Event | None = None  # set once _slots_wanted are free
@@ -285,7 +276,12 @@ class LeaseWorkers:
         return got.leases, _LIMIT_POLL
 
     async def _wait_for_slots(self, wanted: int) -> None:
-        while self.handler.concurrency - len(self._runs) < wanted and not self.wakeups.stopped:
+        """Wait until ``wanted`` slots are free and no claimed job waits for a
+        worker: quick jobs then finish before the next claim, which so leases
+        many at once rather than a few in a hurry."""
+        while (
+            self.handler.concurrency - len(self._runs) < wanted or self._ready
+        ) and not self.wakeups.stopped:
             self._slots_wanted = wanted
             self._slots_freed = event = anyio.Event()
             await event.wait()
@@ -293,29 +289,44 @@ class LeaseWorkers:
     def _free_slot(self, run: _Run) -> None:
         """``run`` is over here: its slot is free."""
         self._runs.pop(run.lease.id, None)
+        if self._slots_freed is not None:
+            self._check_slots()
+
+    def _check_slots(self) -> None:
+        """Wake the claimer if the slots it waits for are free."""
         event = self._slots_freed
         if event is not None and (
-            self.handler.concurrency - len(self._runs) >= self._slots_wanted or self.wakeups.stopped
+            self.wakeups.stopped
+            or (
+                not self._ready and self.handler.concurrency - len(self._runs) >= self._slots_wanted
+            )
         ):
             self._slots_freed = None
             event.set()
 
     def _start_runs(self, claimed: list[Lease]) -> None:
         """Hand leased jobs to the workers; after shutdown began, give them back."""
+        if not claimed:
+            return
         valid_until = anyio.current_time() + self._lease  # measured before the claim returned
+        self._watermark.advance(max([lease.position for lease in claimed]))
+        if self._closing:
+            self._cut_short += claimed
+            return
         for lease in claimed:
-            self._watermark.advance(lease.job.priority, lease.job.run_after, lease.id)
-            if self._closing:
-                self._cut_short.append(lease)
-                continue
             run = _Run(lease, valid_until)
             self._runs[lease.id] = run
-            if self._idle:  # straight to a waiting worker: no wake-up in vain
-                idle = self._idle.popleft()
-                idle.run = run
-                idle.event.set()
-            else:
-                self._ready.append(run)
+            self._ready.append(run)
+        self._wake_worker()
+
+    def _wake_worker(self) -> None:
+        """Wake one idle worker for the jobs waiting, unless one is waking:
+        a worker that takes a job wakes the next if more wait (see
+        ``_run_jobs``), so a batch of quick jobs wakes a few workers, not one
+        per job, while slow ones still each get a worker at once."""
+        if self._idle and not self._waking:
+            self._waking = True
+            self._idle.popleft().set()
 
     def _stop_workers(self) -> None:
         """Shutdown: idle workers return; jobs not started yet are given back."""
@@ -325,7 +336,7 @@ class LeaseWorkers:
             self._runs.pop(run.lease.id, None)
             self._cut_short.append(run.lease)
         while self._idle:
-            self._idle.popleft().event.set()
+            self._idle.popleft().set()
 
     async def _rescue(self) -> None:
         """Claim jobs whose lease expired: their worker was lost."""
@@ -379,6 +390,7 @@ class LeaseWorkers:
         """
         timer = WorkerTimer(self._timeout)
         ready, observer = self._ready, self._observer
+        new_event = event_factory()
         run: _Run | None = None
         started = False  # whether run's handler was called
         streak = 0
@@ -387,22 +399,19 @@ class LeaseWorkers:
                 with timer.scope() as scope:
                     while True:
                         started = False
-                        if ready:
-                            run = ready.popleft()
-                        else:
+                        if not ready:
                             # No timer.pause() while idle: moving a deadline
                             # costs more than a no-op job. If it fires while
                             # the worker idles, the worker takes a new scope.
                             if self._closing:
                                 return
-                            idle = _Idle()
-                            self._idle.append(idle)
-                            try:
-                                await idle.event.wait()
-                            finally:
-                                run, idle.run = idle.run, None  # handed over, even if cancelled
-                            if run is None:
-                                continue
+                            await self._wait_idle(new_event())
+                            continue
+                        run = ready.popleft()
+                        if ready:
+                            self._wake_worker()
+                        elif self._slots_freed is not None:
+                            self._check_slots()
                         if run.lost:  # taken over while it waited
                             self._free_slot(run)
                             run = None
@@ -464,6 +473,18 @@ class LeaseWorkers:
                     await self._close(run)
                 self._free_slot(run)
             raise
+
+    async def _wait_idle(self, event: anyio.Event) -> None:
+        """Wait in the idle line until ``_wake_worker`` (or shutdown) wakes
+        this worker; one that leaves unwoken (its timer fired) leaves the line."""
+        self._idle.append(event)
+        try:
+            await event.wait()
+        finally:
+            if event.is_set():
+                self._waking = False
+            else:
+                self._idle.remove(event)
 
     async def _conclude(self, run: _Run, outcome: Outcome) -> None:
         """Record and report a run's outcome, and free its slot. A success of a
@@ -674,7 +695,7 @@ class LeaseWorkers:
         while self._acks:
             batch, self._acks = self._acks, []
             try:
-                held = await self._leases.complete([run.lease for run in batch])
+                lost = await self._leases.complete([run.lease for run in batch])
             except BaseException:
                 self._acks[:0] = batch  # written by the next try, or at shutdown
                 raise
@@ -682,9 +703,11 @@ class LeaseWorkers:
             # A success is reported only to whoever listens: the observer, or
             # a DEBUG log; the lost ones are always logged.
             listening = self._observer is not None or self._log.logger.isEnabledFor(DEBUG)
+            if not listening and not lost:
+                continue
             for run in batch:
                 job = run.lease.job
-                recorded = run.lease.id in held
+                recorded = run.lease not in lost
                 if recorded and not listening:
                     continue
                 if not recorded:

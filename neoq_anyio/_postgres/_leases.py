@@ -23,6 +23,7 @@ from . import _sql
 from ._limits import EXTEND_SLOTS, FREE_SLOTS, LIMITED_COLUMNS, claim_limited, ensure_limits
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
     from datetime import datetime
 
     from neoq_anyio._log import BackendLog
@@ -38,7 +39,6 @@ LOST_ERROR = describe_error(JobLostError("the worker running the job was lost (i
 """The ``error`` stored when a lost lease is claimed again."""
 
 
-@dataclass(frozen=True, slots=True)
 class Lease:
     """A claimed job and what its lease holder must remember.
 
@@ -46,20 +46,25 @@ class Lease:
         job: the job as its handler sees it: its stored status (``new`` or
             ``failed``, as in transaction mode), ``retries`` counting this
             attempt.
+        id: the job's id.
         token: the fencing token every write matches.
         previous_retries: ``retries`` before the claim, restored on release.
         took_over: the claim took over a lost lease (an attempt that counts).
+        position: the job's place in claim order (``_watermark``).
     """
 
-    job: Job
-    token: int
-    previous_retries: int
-    took_over: bool
+    # A plain class, not a frozen dataclass: claims build thousands a second.
+    __slots__ = ("id", "job", "position", "previous_retries", "token", "took_over")
 
-    @property
-    def id(self) -> str:
-        assert self.job.id is not None  # a stored job
-        return self.job.id
+    def __init__(self, row: Sequence[Any]) -> None:
+        """From a claimed row (``_sql.LEASE_COLUMN_NAMES``; columns after
+        them, per-transaction settings behind a pooler, are ignored)."""
+        self.job = job = Job._from_columns(row)  # as stored (new or failed)
+        self.id: str = job.id  # type: ignore[assignment]  # a stored job has one
+        self.previous_retries: int = row[_PREVIOUS_RETRIES]
+        self.token = int(row[_TOKEN])
+        self.took_over = row[_PREVIOUS_TOKEN] is not None
+        self.position: Position = (-job.priority, row[_RUN_AFTER], row[0])
 
     def refused(self) -> Outcome | None:
         """The outcome, unrun, of a job whose lost attempts used up its
@@ -74,16 +79,10 @@ class Lease:
         return Outcome("dead", job.retries - 1, describe_error(lost), exc=lost, ran=False)
 
 
-def _lease_from_row(row: tuple[Any, ...]) -> Lease:
-    # Columns past the lease's are per-transaction settings (behind a pooler).
-    values = dict(zip(_sql.LEASE_COLUMN_NAMES, row[: len(_sql.LEASE_COLUMN_NAMES)], strict=True))
-    job = Job._from_row(values)  # as stored (new or failed), as in transaction mode
-    return Lease(
-        job,
-        int(values["lease_token"]),
-        values["previous_retries"],
-        values["previous_token"] is not None,
-    )
+_PREVIOUS_RETRIES, _TOKEN, _PREVIOUS_TOKEN, _RUN_AFTER = (
+    _sql.LEASE_COLUMN_NAMES.index(name)
+    for name in ("previous_retries", "lease_token", "previous_token", "run_after")
+)
 
 
 def _ids_and_tokens(leases: list[Lease]) -> tuple[str, str]:
@@ -165,7 +164,7 @@ class LeaseStore:
         if self._writes:
             query += self._writes
         rows = await self._fetch(f"cannot claim jobs from queue {queue!r}", query, params)
-        return [_lease_from_row(row) for row in rows]
+        return [Lease(row) for row in rows]
 
     async def claim_limited(
         self,
@@ -195,11 +194,7 @@ class LeaseStore:
         )
         rows = await self._fetch(f"cannot claim jobs from queue {queue!r}", query, params)
         now, free, allowed = rows[0][:LIMITED_COLUMNS]
-        leases = [
-            _lease_from_row(row[LIMITED_COLUMNS:])
-            for row in rows
-            if row[LIMITED_COLUMNS] is not None
-        ]
+        leases = [Lease(row[LIMITED_COLUMNS:]) for row in rows if row[LIMITED_COLUMNS] is not None]
         claimed = len(leases)
         held = (free is not None and free <= claimed) or (
             allowed is not None and allowed <= claimed
@@ -230,12 +225,17 @@ class LeaseStore:
         doing = f"cannot claim lost jobs of queue {queue!r}"
         rows = await self._fetch(doing, self._claim_expired, params)
         now: datetime = rows[0][0]
-        return now, [_lease_from_row(row[1:]) for row in rows if row[1] is not None]
+        return now, [Lease(row[1:]) for row in rows if row[1] is not None]
 
-    async def complete(self, leases: list[Lease]) -> set[str]:
-        """Mark leased jobs processed, in one statement; returns the ids whose
-        lease held (the others were lost: someone else runs them now)."""
-        return await self._per_lease(self._complete, leases, "cannot record processed jobs")
+    async def complete(self, leases: list[Lease]) -> list[Lease]:
+        """Mark leased jobs processed, in one statement; returns those whose
+        lease was lost (someone else runs them now), usually none."""
+        ids, tokens = _ids_and_tokens(leases)
+        rows = await self._fetch("cannot record processed jobs", self._complete, (ids, tokens, ids))
+        if len(rows) == len(leases):  # every lease held: no set to build
+            return []
+        held = {row[0] for row in rows}
+        return [lease for lease in leases if int(lease.id) not in held]
 
     async def extend(self, leases: list[Lease], seconds: float) -> set[str]:
         """The heartbeat: extend leases by ``seconds`` from now; returns the
@@ -278,11 +278,6 @@ class LeaseStore:
         ids, tokens = _ids_and_tokens(leases)
         params = (seconds, ids, tokens, queue)
         await self._fetch(f"cannot extend slots of queue {queue!r}", EXTEND_SLOTS, params)
-
-    async def _per_lease(self, query: str, leases: list[Lease], doing: str) -> set[str]:
-        ids, tokens = _ids_and_tokens(leases)
-        rows = await self._fetch(doing, query, (ids, tokens, ids))
-        return {str(row[0]) for row in rows}
 
     async def _fetch(self, doing: str, query: str, params: Any) -> list[tuple[Any, ...]]:
         """Run one statement on a connection of the workers' share; its rows

@@ -53,9 +53,9 @@ class _HeldBack:
 
 
 def job_from_row(row: tuple[Any, ...], columns: tuple[str, ...] = _sql.JOB_COLUMN_NAMES) -> Job:
-    """A job from a row holding ``columns`` first; columns after them (say,
-    ``pg_notify``'s result) are ignored."""
-    return Job._from_row(dict(zip(columns, row[: len(columns)], strict=True)))
+    """A job from a row holding ``columns`` first (``Job.STORED_COLUMNS``'s
+    order); columns after them (say, ``pg_notify``'s result) are ignored."""
+    return Job._from_columns(row[: len(columns)])
 
 
 class JobStore:
@@ -176,7 +176,8 @@ class JobStore:
             if row is None:
                 return None
         job = job_from_row(row, _sql.TAKE_COLUMN_NAMES)
-        watermark.advance(job.priority, job.run_after, job.id or "0")
+        assert job.run_after is not None  # taken: due
+        watermark.advance((-job.priority, job.run_after, int(row[0])))
         self._mine.add(str(job.id))
         return job
 

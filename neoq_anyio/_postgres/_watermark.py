@@ -26,8 +26,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from datetime import datetime
-
     from ._sql import Position
 
 __all__ = ["Watermark"]
@@ -41,11 +39,9 @@ class Watermark:
     def __init__(self) -> None:
         self.position: Position | None = None
 
-    def advance(self, priority: int, run_after: datetime | None, job_id: str) -> None:
-        """A job of ``priority`` at ``(run_after, job_id)`` was claimed."""
-        if run_after is None:
-            return
-        position = (-priority, run_after, int(job_id))
+    def advance(self, position: Position) -> None:
+        """A job at ``position`` was claimed (claims take only jobs with a
+        ``run_after``, so it is always ordered)."""
         if self.position is None or position > self.position:
             self.position = position
 
