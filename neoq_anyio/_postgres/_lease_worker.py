@@ -142,7 +142,9 @@ class LeaseWorkers:
         self._closing = False  # workers return once idle
         self._slots_wanted = 0
         self._slots_freed: anyio.Event | None = None  # set once _slots_wanted are free
-        self._claiming = anyio.Lock()  # one claim at a time: slots are counted before it
+        # One claim at a time: slots are counted before it. fast_acquire: the
+        # claimer alone takes it, mostly, and need not yield to the loop.
+        self._claiming = anyio.Lock(fast_acquire=True)
         self._acks: list[_Run] = []  # successes waiting to be written
         self._acks_waiting = anyio.Event()
         self._acks_closing = False  # shutdown: write what is left, then return
@@ -248,6 +250,8 @@ class LeaseWorkers:
         claimed = await self._leases.claim(queue, count, self._lease, position)
         self._start_runs(claimed)
         if position is not None and len(claimed) < count and not self.wakeups.stopped:
+            if claimed:  # let them start first: the look behind is rarely fruitful
+                await anyio.lowlevel.checkpoint()
             more = await self._leases.claim(
                 queue, count - len(claimed), self._lease, position, behind=True
             )
