@@ -414,8 +414,8 @@ class LeaseWorkers:
                         run = ready.popleft()
                         if ready:
                             self._wake_worker()
-                        elif self._slots_freed is not None:
-                            self._check_slots()
+                        else:
+                            self._ready_drained()
                         if run.lost:  # taken over while it waited
                             self._free_slot(run)
                             run = None
@@ -528,10 +528,21 @@ class LeaseWorkers:
 
     def _acknowledge_later(self, run: _Run) -> None:
         """A success without a transaction: written in the next batch, and
-        reported then (``_acknowledge``)."""
+        reported then (``_acknowledge``). While claimed jobs still wait for a
+        worker, the batch waits for them to start (``_ready_drained``): quick
+        jobs then go in one statement, not in many small ones."""
         self._acks.append(run)
         self._free_slot(run)
-        self._acks_waiting.set()
+        if not self._ready:
+            self._acks_waiting.set()
+
+    def _ready_drained(self) -> None:
+        """The last claimed job waiting for a worker got one: write the
+        successes held back meanwhile, and wake the claimer if it waits."""
+        if self._acks:
+            self._acks_waiting.set()
+        if self._slots_freed is not None:
+            self._check_slots()
 
     async def _drop_lost(self, run: _Run) -> None:
         """A run whose lease was lost: nothing to record (the job is someone
