@@ -85,7 +85,7 @@ Position = tuple[int, datetime, int]  # (-priority, run_after, id): the watermar
 
 def _ready(extra: str = "") -> str:
     return (
-        "SELECT id, coalesce(retries, 0) AS retries, NULL::bigint AS token "
+        "SELECT id, ctid, coalesce(retries, 0) AS retries, NULL::bigint AS token "
         "FROM neoq_jobs WHERE queue = %(queue)s AND status <> 'processed' "
         f"AND lease_token IS NULL AND run_after <= now(){extra} "
         f"ORDER BY {CLAIM_ORDER} LIMIT %(n)s FOR UPDATE SKIP LOCKED"
@@ -97,7 +97,7 @@ def _claim(picked: str) -> str:
         f"WITH {picked} UPDATE neoq_jobs AS j SET lease_token = txid_current(), "
         "lease_expires_at = now() + make_interval(secs => %(lease)s), "
         "retries = c.retries + (j.status = 'failed')::int "
-        f"FROM c WHERE j.id = c.id RETURNING {LEASED}"
+        f"FROM c WHERE j.ctid = c.ctid RETURNING {LEASED}"
     )
 
 
@@ -115,16 +115,16 @@ COMPLETE = (
     "UPDATE neoq_jobs AS j SET status = 'processed', ran_at = now(), error = NULL, "
     "lease_token = NULL, lease_expires_at = NULL "
     "FROM unnest(%s::bigint[], %s::bigint[]) AS d(id, token) "
-    "WHERE j.id = d.id AND j.lease_token = d.token RETURNING j.id"
+    "WHERE j.id = d.id AND j.lease_token = d.token AND j.id = ANY(%s::bigint[]) RETURNING j.id"
 )
-"""Sent with two array literals (``{1,2,3}``), as the backend does."""
+"""Sent with array literals (``{1,2,3}``: ids, tokens, ids), as the backend does."""
 
 
-def array_literals(done: list[tuple[int, int]]) -> tuple[str, str]:
-    """COMPLETE's parameters: ids and tokens as array literals."""
+def array_literals(done: list[tuple[int, int]]) -> tuple[str, str, str]:
+    """COMPLETE's parameters: ids, tokens and ids again, as array literals."""
     ids = ",".join(str(job_id) for job_id, _ in done)
     tokens = ",".join(str(token) for _, token in done)
-    return f"{{{ids}}}", f"{{{tokens}}}"
+    return f"{{{ids}}}", f"{{{tokens}}}", f"{{{ids}}}"
 
 
 async def floor_claim(
@@ -358,6 +358,7 @@ def bench_latency_floor(dsn: str, samples: int) -> list[float]:
             )
             assert len(rows) == 1, rows
             await worker.execute(COMPLETE, array_literals([(rows[0][0], rows[0][TOKEN_COLUMN])]))
+            await asyncio.sleep(0.005)  # idle, as the backend's workers are between samples
         await gen.aclose()
         for conn in (listen, worker, producer):
             await conn.close()
