@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import math
+import statistics
 import sys
 import time
 import uuid
@@ -213,6 +214,32 @@ def best_of(
     return results
 
 
+def paired(
+    rounds: int, floor: Callable[[], float], fns: dict[str, Callable[[], float]]
+) -> tuple[float, dict[str, tuple[float, float]]]:
+    """Measure ``floor`` before and after each round of ``fns``, for ``rounds``
+    rounds, and take each measurement's ratio against the mean of the two
+    floors around it: on a shared machine whose speed drifts by a third
+    within minutes, a ratio of neighbours holds still where best-of figures
+    measured minutes apart do not. Returns the median floor and, per name,
+    the median figure and the median ratio (higher is better)."""
+    floors: list[float] = []
+    figures: dict[str, list[float]] = {name: [] for name in fns}
+    ratios: dict[str, list[float]] = {name: [] for name in fns}
+    before = attempt("floor", floor)
+    for _ in range(rounds):
+        got = {name: attempt(name, fn) for name, fn in fns.items()}
+        after = attempt("floor", floor)
+        floors += [before, after]
+        for name, value in got.items():
+            figures[name].append(value)
+            ratios[name].append(value / ((before + after) / 2))
+        before = after
+    return statistics.median(floors), {
+        name: (statistics.median(figures[name]), statistics.median(ratios[name])) for name in fns
+    }
+
+
 def attempt(name: str, fn: Callable[[], float]) -> float:
     """``fn()``, or NaN (and the error on stderr) if it raises."""
     try:
@@ -234,6 +261,7 @@ class Row:
     target: str
     higher_is_better: bool = True
     times: bool = False  # show the ratio as "25.3x" instead of a percentage
+    ratio: float | None = None  # measured as such (``paired``), not ours / floor
 
     @property
     def ratio_text(self) -> str:
@@ -241,7 +269,10 @@ class Row:
             return "-"
         if math.isnan(self.ours) or math.isnan(self.floor):
             return "failed"
-        ratio = self.ours / self.floor if self.higher_is_better else self.floor / self.ours
+        if self.ratio is not None:
+            ratio = self.ratio
+        else:
+            ratio = self.ours / self.floor if self.higher_is_better else self.floor / self.ours
         return f"{ratio:.1f}x" if self.times else f"{ratio:.0%}"
 
 
