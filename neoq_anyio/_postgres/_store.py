@@ -168,8 +168,11 @@ class JobStore:
         with map_errors(self._log.redact, f"cannot take a job from queue {queue!r}"):
             skip = self._skipped(queue) if self._held_back else []
             row = await self._take_after(conn, queue, skip, watermark, higher_first)
-            if row is not None and str(row[0]) in self._mine:
+            while row is not None and str(row[0]) in self._mine:
                 # Still running here, but unlocked: its session ended under it.
+                # Look again without the jobs running here, as they are now:
+                # one may have lost its session since ``skip`` was made (each
+                # turn skips one more job, so this ends).
                 await conn.execute(_sql.ROLLBACK)
                 skip = [*skip, *map(int, self._mine)]
                 row = await self._take_after(conn, queue, skip, watermark, higher_first)
