@@ -252,6 +252,8 @@ class LeaseWorkers:
         if position is not None and len(claimed) < count and not self.wakeups.stopped:
             if claimed:  # let them start first: the look behind is rarely fruitful
                 await anyio.lowlevel.checkpoint()
+                if self.wakeups.paused or self.wakeups.stopped:  # meanwhile
+                    return claimed, None
             more = await self._leases.claim(
                 queue, count - len(claimed), self._lease, position, behind=True
             )
