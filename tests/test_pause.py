@@ -17,6 +17,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -31,6 +32,8 @@ from neoq_anyio import (
     NeoqError,
     open_backend,
 )
+from neoq_anyio._postgres._leases import LeaseStore
+from neoq_anyio._postgres._store import JobStore
 from neoq_anyio.testing import drain
 
 from . import test_cli
@@ -160,6 +163,56 @@ async def test_a_paused_queue_takes_no_jobs_until_resumed(
         await drain(nq)
         stats = await _stats(nq, "work")
         assert (stats.paused, stats.due, stats.processed) == (False, 0, 6)
+
+
+async def test_a_take_under_way_stops_at_a_pause_between_its_statements(
+    dsn: str, execution: Execution, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A take that finds nothing ahead of the watermark looks behind it in a
+    # second statement. Sent after pause_queue() returned, that one could
+    # take jobs enqueued after it: the pause must end the take in between.
+    # (Here the pause is injected between the two statements.)
+    gate = Gate(open_=True)
+    armed, paused = anyio.Event(), anyio.Event()
+
+    async def pause_once(position: object, behind: bool) -> None:
+        if armed.is_set() and position is not None and not behind and not paused.is_set():
+            await nq.pause_queue("work")
+            paused.set()
+
+    if execution == "transaction":
+        take_row = JobStore._take_row
+
+        async def take_row_then_pause(self: JobStore, *args: Any, **kwargs: Any) -> Any:
+            row = await take_row(self, *args, **kwargs)
+            await pause_once(args[3] if len(args) > 3 else None, kwargs.get("behind", False))
+            return row
+
+        monkeypatch.setattr(JobStore, "_take_row", take_row_then_pause)
+    else:
+        claim = LeaseStore.claim
+
+        async def claim_then_pause(self: LeaseStore, *args: Any, **kwargs: Any) -> Any:
+            leases = await claim(self, *args, **kwargs)
+            await pause_once(args[3] if len(args) > 3 else None, kwargs.get("behind", False))
+            return leases
+
+        monkeypatch.setattr(LeaseStore, "claim", claim_then_pause)
+
+    # No pending-job sweep meanwhile: it would forget the watermark.
+    async with open_backend(dsn, **{**FAST, "pending_job_check_interval": 60}) as nq:
+        await nq.start(Handler("work", gate, execution=execution, concurrency=1))
+        await nq.enqueue(Job("work", {"n": 0}))
+        await gate.wait_finished(1)
+        await drain(nq)  # the watermark is at job 0
+        # A job behind the watermark (an older run_after): only the look behind finds it.
+        armed.set()
+        await nq.enqueue(Job("work", {"n": 1}, run_after=datetime.now(UTC) - timedelta(hours=1)))
+        with anyio.fail_after(5):
+            await paused.wait()
+        assert not await gate.starts_within(QUIET)
+        await nq.resume_queue("work")
+        await gate.wait_finished(2)
 
 
 async def test_jobs_running_as_the_queue_is_paused_finish_and_no_more_start(

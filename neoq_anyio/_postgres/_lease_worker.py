@@ -249,11 +249,13 @@ class LeaseWorkers:
         position = watermark.position
         claimed = await self._leases.claim(queue, count, self._lease, position)
         self._start_runs(claimed)
-        if position is not None and len(claimed) < count and not self.wakeups.stopped:
+        if position is not None and len(claimed) < count:
             if claimed:  # let them start first: the look behind is rarely fruitful
                 await anyio.lowlevel.checkpoint()
-                if self.wakeups.paused or self.wakeups.stopped:  # meanwhile
-                    return claimed, None
+            # Paused since the first claim was sent: a claim sent now could
+            # lease jobs enqueued after pause_queue() returned.
+            if self.wakeups.paused or self.wakeups.stopped:
+                return claimed, None
             more = await self._leases.claim(
                 queue, count - len(claimed), self._lease, position, behind=True
             )
@@ -360,7 +362,7 @@ class LeaseWorkers:
                 since, last_rescan = -math.inf, anyio.current_time()
             try:
                 async with self._claiming:
-                    if self.wakeups.stopped:
+                    if self.wakeups.stopped or self.wakeups.paused:
                         continue
                     if self._limits is not None:
                         claimed, _ = await self._claim_limited(free, since)

@@ -27,6 +27,7 @@ from . import _sql
 from ._watermark import Watermark
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
     from datetime import datetime
 
     import psycopg
@@ -150,7 +151,12 @@ class JobStore:
     # -- running jobs in their own transaction -------------------------------------------
 
     async def take(
-        self, conn: AnyioConnection, queue: str, *, higher_first: bool = True
+        self,
+        conn: AnyioConnection,
+        queue: str,
+        *,
+        higher_first: bool = True,
+        may_go_on: Callable[[], bool] = lambda: True,
     ) -> Job | None:
         """Open the job's transaction on ``conn`` and lock the queue's next due job.
 
@@ -163,19 +169,25 @@ class JobStore:
         Jobs held back (``hold_back``) are not taken, nor are jobs this
         process still runs (see ``done``), whose row lock may have died with
         their session. Call ``done`` once the job is recorded.
+
+        A take may need several statements; ``may_go_on()`` is asked before
+        each after the first, and a False answer (the queue was paused
+        meanwhile) ends the take with nothing taken.
         """
         watermark = self.watermark(queue)
         with map_errors(self._log.redact, f"cannot take a job from queue {queue!r}"):
             skip = self._skipped(queue) if self._held_back else []
-            row = await self._take_after(conn, queue, skip, watermark, higher_first)
+            row = await self._take_after(conn, queue, skip, watermark, higher_first, may_go_on)
             while row is not None and str(row[0]) in self._mine:
                 # Still running here, but unlocked: its session ended under it.
                 # Look again without the jobs running here, as they are now:
                 # one may have lost its session since ``skip`` was made (each
                 # turn skips one more job, so this ends).
                 await conn.execute(_sql.ROLLBACK)
+                if not may_go_on():
+                    return None
                 skip = [*skip, *map(int, self._mine)]
-                row = await self._take_after(conn, queue, skip, watermark, higher_first)
+                row = await self._take_after(conn, queue, skip, watermark, higher_first, may_go_on)
             if row is None:
                 return None
         job = job_from_row(row, _sql.TAKE_COLUMN_NAMES)
@@ -198,13 +210,14 @@ class JobStore:
         skip: list[int],
         watermark: Watermark,
         higher_first: bool,
+        may_go_on: Callable[[], bool],
     ) -> tuple[Any, ...] | None:
         """The next job after the watermark, else (it is set) at or before it."""
         position = watermark.position
         if position is None:
             return await self._take_row(conn, queue, skip)
         row = await self._take_row(conn, queue, skip, position, higher_first=higher_first)
-        if row is None:
+        if row is None and may_go_on():
             row = await self._take_row(conn, queue, skip, position, behind=True)
         return row
 

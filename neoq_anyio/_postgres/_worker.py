@@ -155,6 +155,13 @@ class QueueWorkers:
             if self._running == 0:
                 self._idle.set()
 
+    def _may_take(self) -> bool:
+        """Whether a take under way may send its next statement: a pause or
+        shutdown meanwhile ends it (a statement sent after the pause could
+        see jobs enqueued after ``pause_queue`` returned)."""
+        wakeups = self.wakeups
+        return not (wakeups.paused or wakeups.stopped)
+
     async def _take_and_run(self, higher_first: bool = True) -> bool:
         """Take the next due job and run it; False when none was due, or
         shutdown or a pause began before the take."""
@@ -163,9 +170,11 @@ class QueueWorkers:
         try:
             # Shutdown began, or the queue was paused, while this worker waited
             # for the connection (or ran the report of its last job): take nothing.
-            if self.wakeups.stopped or self.wakeups.paused:
+            if not self._may_take():
                 return False
-            taken = await self._store.take(conn, self.handler.queue, higher_first=higher_first)
+            taken = await self._store.take(
+                conn, self.handler.queue, higher_first=higher_first, may_go_on=self._may_take
+            )
             if taken is None:
                 return False
             self.in_flight += 1
