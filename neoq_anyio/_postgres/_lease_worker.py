@@ -234,9 +234,10 @@ class LeaseWorkers:
                 if len(claimed) < count:
                     self.wakeups.found_nothing(mark)
                     break
-                # A full batch: more are due. Wait for a few slots, not one,
-                # so each claim leases many jobs.
-                wanted = max(1, min(BATCH, self.handler.concurrency) // 4)
+                # A full batch: more are due. Wait for half the slots, not
+                # one, so each claim leases many jobs; the claim then runs
+                # while the other half of the jobs still run.
+                wanted = max(1, min(BATCH, self.handler.concurrency) // 2)
 
     async def _claim_from_watermark(self, count: int) -> tuple[list[Lease], float | None]:
         """Lease up to ``count`` jobs after the watermark and start them, then,
@@ -284,12 +285,7 @@ class LeaseWorkers:
         return got.leases, _LIMIT_POLL
 
     async def _wait_for_slots(self, wanted: int) -> None:
-        """Wait until ``wanted`` slots are free and no claimed job waits for a
-        worker: quick jobs then finish before the next claim, which so leases
-        many at once rather than a few in a hurry."""
-        while (
-            self.handler.concurrency - len(self._runs) < wanted or self._ready
-        ) and not self.wakeups.stopped:
+        while self.handler.concurrency - len(self._runs) < wanted and not self.wakeups.stopped:
             self._slots_wanted = wanted
             self._slots_freed = event = anyio.Event()
             await event.wait()
@@ -297,17 +293,9 @@ class LeaseWorkers:
     def _free_slot(self, run: _Run) -> None:
         """``run`` is over here: its slot is free."""
         self._runs.pop(run.lease.id, None)
-        if self._slots_freed is not None:
-            self._check_slots()
-
-    def _check_slots(self) -> None:
-        """Wake the claimer if the slots it waits for are free."""
         event = self._slots_freed
         if event is not None and (
-            self.wakeups.stopped
-            or (
-                not self._ready and self.handler.concurrency - len(self._runs) >= self._slots_wanted
-            )
+            self.handler.concurrency - len(self._runs) >= self._slots_wanted or self.wakeups.stopped
         ):
             self._slots_freed = None
             event.set()
@@ -537,16 +525,14 @@ class LeaseWorkers:
         jobs then go in one statement, not in many small ones."""
         self._acks.append(run)
         self._free_slot(run)
-        if not self._ready:
+        if not self._ready or len(self._acks) >= BATCH:
             self._acks_waiting.set()
 
     def _ready_drained(self) -> None:
         """The last claimed job waiting for a worker got one: write the
-        successes held back meanwhile, and wake the claimer if it waits."""
+        successes held back meanwhile."""
         if self._acks:
             self._acks_waiting.set()
-        if self._slots_freed is not None:
-            self._check_slots()
 
     async def _drop_lost(self, run: _Run) -> None:
         """A run whose lease was lost: nothing to record (the job is someone
