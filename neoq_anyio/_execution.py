@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from ._context import _job, _transaction
+from ._context import _running
 from ._control import Discard, Snooze
 from ._exceptions import JobTimeoutError
 
@@ -47,15 +47,13 @@ async def run_handler(
 ) -> Exception | None:
     """Run the handler with the job (and its transaction) in context; returns
     what it raised, if anything. Cancellation propagates."""
-    job_token = _job.set(job)
-    tx_token = _transaction.set(transaction)
+    token = _running.set((job, transaction))
     try:
         await handler.handle(job)
     except Exception as exc:
         return exc
     finally:
-        _transaction.reset(tx_token)
-        _job.reset(job_token)
+        _running.reset(token)
     return None
 
 
