@@ -180,24 +180,21 @@ async def test_a_take_under_way_stops_at_a_pause_between_its_statements(
             await nq.pause_queue("work")
             paused.set()
 
+    def pause_after(cls: type, name: str) -> None:
+        # Both take the watermark's position fourth, and behind= by keyword.
+        original = getattr(cls, name)
+
+        async def wrapper(self: object, *args: Any, **kwargs: Any) -> Any:
+            result = await original(self, *args, **kwargs)
+            await pause_once(args[3] if len(args) > 3 else None, kwargs.get("behind", False))
+            return result
+
+        monkeypatch.setattr(cls, name, wrapper)
+
     if execution == "transaction":
-        take_row = JobStore._take_row
-
-        async def take_row_then_pause(self: JobStore, *args: Any, **kwargs: Any) -> Any:
-            row = await take_row(self, *args, **kwargs)
-            await pause_once(args[3] if len(args) > 3 else None, kwargs.get("behind", False))
-            return row
-
-        monkeypatch.setattr(JobStore, "_take_row", take_row_then_pause)
+        pause_after(JobStore, "_take_row")  # (conn, queue, skip, position)
     else:
-        claim = LeaseStore.claim
-
-        async def claim_then_pause(self: LeaseStore, *args: Any, **kwargs: Any) -> Any:
-            leases = await claim(self, *args, **kwargs)
-            await pause_once(args[3] if len(args) > 3 else None, kwargs.get("behind", False))
-            return leases
-
-        monkeypatch.setattr(LeaseStore, "claim", claim_then_pause)
+        pause_after(LeaseStore, "claim")  # (queue, count, lease, position)
 
     # No pending-job sweep meanwhile: it would forget the watermark.
     async with open_backend(dsn, **{**FAST, "pending_job_check_interval": 60}) as nq:
