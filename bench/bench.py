@@ -46,8 +46,10 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import psycopg
 from common import (
+    INSERT_JOB,
     LOOPS,
     Row,
+    bench_latency_ours,
     best_of,
     describe_server,
     ensure_lease_columns,
@@ -71,11 +73,6 @@ if TYPE_CHECKING:
 # The statements the PostgreSQL backend runs to enqueue, take and complete a job, as in
 # neoq_anyio/_postgres/_sql.py; keep them in step with it.
 
-INSERT_JOB = (
-    "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline) "
-    "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s) "
-    "ON CONFLICT DO NOTHING RETURNING id"
-)
 JOB_COLUMNS = (
     "id, fingerprint, queue, status, deadline, payload, retries, max_retries, "
     "run_after, ran_at, created_at, error, priority, trace_context"
@@ -266,30 +263,6 @@ def bench_process_floor(dsn: str, count: int, concurrency: int, sync: bool = Fal
 
 
 # -- latency -----------------------------------------------------------------------
-
-
-def bench_latency_ours(dsn: str, loop: str, samples: int) -> list[float]:
-    async def main() -> list[float]:
-        latencies: list[float] = []
-        started = anyio.Event()
-        sent_at = 0.0
-
-        async def handle(job: Job) -> None:
-            latencies.append(time.perf_counter() - sent_at)
-            started.set()
-
-        async with open_backend(dsn) as nq:
-            await nq.start(Handler("latency", handle, concurrency=10))
-            for n in range(samples + 20):
-                started = anyio.Event()
-                sent_at = time.perf_counter()
-                await nq.enqueue(Job("latency", {"n": n}))
-                with anyio.fail_after(10):
-                    await started.wait()
-                await anyio.sleep(0.002)  # idle workers: let the last job finish
-        return latencies[20:]
-
-    return anyio.run(main, backend=loop)
 
 
 def bench_latency_floor(dsn: str, samples: int) -> list[float]:

@@ -23,7 +23,7 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from neoq_anyio import Job, open_backend
+from neoq_anyio import Handler, Job, open_backend
 from neoq_anyio.embedded import embedded_postgres
 
 if TYPE_CHECKING:
@@ -122,6 +122,15 @@ async def floor_connection(
         settings += "; SET synchronous_commit = off"
     await conn.execute(settings)
     return conn
+
+
+INSERT_JOB = (
+    "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline) "
+    "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s) "
+    "ON CONFLICT DO NOTHING RETURNING id"
+)
+"""One job, as the backend enqueues it (``payload_params``); keep it in step
+with neoq_anyio/_postgres/_sql.py."""
 
 
 def payload_params(queue: str, n: int) -> tuple[Any, ...]:
@@ -291,3 +300,34 @@ def print_table(rows: list[Row], *, note: str = "") -> None:
         )
     if note:
         print(f"\n{note}")
+
+
+def bench_latency_ours(
+    dsn: str, loop: str, samples: int, *, execution: str = "transaction", idle: float = 0.002
+) -> list[float]:
+    """Seconds from ``enqueue`` to the handler's start, one job at a time,
+    with the workers idle ``idle`` seconds between samples (20 warm-up
+    samples dropped)."""
+
+    async def main() -> list[float]:
+        latencies: list[float] = []
+        started = anyio.Event()
+        sent_at = 0.0
+
+        async def handle(job: Job) -> None:
+            latencies.append(time.perf_counter() - sent_at)
+            started.set()
+
+        async with open_backend(dsn) as nq:
+            handler = Handler("latency", handle, concurrency=10, execution=execution)  # type: ignore[arg-type]
+            await nq.start(handler)
+            for n in range(samples + 20):
+                started = anyio.Event()
+                sent_at = time.perf_counter()
+                await nq.enqueue(Job("latency", {"n": n}))
+                with anyio.fail_after(10):
+                    await started.wait()
+                await anyio.sleep(idle)  # let the last completion be written
+        return latencies[20:]
+
+    return anyio.run(main, backend=loop)

@@ -36,13 +36,16 @@ import math
 import sys
 import time
 from datetime import datetime
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import anyio
 import psycopg
 from common import (
+    INSERT_JOB,
     LOOPS,
     Row,
+    bench_latency_ours,
     describe_server,
     ensure_lease_columns,
     floor_connection,
@@ -301,37 +304,6 @@ def bench_sleepers(dsn: str, loop: str, count: int, concurrency: int, limit: flo
 # -- latency -----------------------------------------------------------------------
 
 
-def bench_latency_ours(dsn: str, loop: str, samples: int) -> list[float]:
-    async def main() -> list[float]:
-        latencies: list[float] = []
-        started = anyio.Event()
-        sent_at = 0.0
-
-        async def handle(job: Job) -> None:
-            latencies.append(time.perf_counter() - sent_at)
-            started.set()
-
-        async with open_backend(dsn) as nq:
-            await nq.start(Handler("latency", handle, concurrency=10, execution="lease"))
-            for n in range(samples + 20):
-                started = anyio.Event()
-                sent_at = time.perf_counter()
-                await nq.enqueue(Job("latency", {"n": n}))
-                with anyio.fail_after(10):
-                    await started.wait()
-                await anyio.sleep(0.005)  # idle workers: let the last completion be written
-        return latencies[20:]
-
-    return anyio.run(main, backend=loop)
-
-
-INSERT_JOB = (
-    "INSERT INTO neoq_jobs (queue, fingerprint, payload, run_after, deadline) "
-    "VALUES (%s, %s, %s::jsonb, coalesce(%s, now()), %s) "
-    "ON CONFLICT DO NOTHING RETURNING id"
-)
-
-
 def bench_latency_floor(dsn: str, samples: int) -> list[float]:
     ensure_lease_columns(dsn)
 
@@ -421,7 +393,9 @@ def run(dsn: str, *, quick: bool, rounds: int, syncs: list[bool]) -> list[Row]:
         )
     floor_lat = scenario(bench_latency_floor, samples)
     for loop in LOOPS:
-        ours_lat = scenario(bench_latency_ours, loop, samples)
+        ours_lat = scenario(
+            partial(bench_latency_ours, execution="lease", idle=0.005), loop, samples
+        )
         for name, q, target_text in (("p50", 0.5, "< 2 ms"), ("p90", 0.9, ""), ("p99", 0.99, "")):
             rows.append(
                 Row(

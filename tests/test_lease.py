@@ -145,25 +145,31 @@ async def test_a_worker_whose_lease_was_taken_over_records_nothing(
     assert await db.fetch(_job_row(job_id)) == [("new", 0, STOLEN, None)]
 
 
-async def test_a_lost_lease_cancels_the_handler(dsn: str, db: Database) -> None:
-    started = anyio.Event()
-    cancelled = anyio.Event()
+class Endless:
+    """A handler that runs until cancelled, and says when it started and ended."""
 
-    async def handle(job: Job) -> None:
-        started.set()
+    def __init__(self) -> None:
+        self.started = anyio.Event()
+        self.cancelled = anyio.Event()
+
+    async def __call__(self, job: Job) -> None:
+        self.started.set()
         try:
             await anyio.sleep_forever()
         finally:
-            cancelled.set()
+            self.cancelled.set()
 
+
+async def test_a_lost_lease_cancels_the_handler(dsn: str, db: Database) -> None:
+    handle = Endless()
     async with backend(dsn) as nq:
         await nq.start(Handler("lost", handle, execution="lease", lease_duration=0.6))
         job_id = await nq.enqueue(Job("lost"))
         with anyio.fail_after(10):
-            await started.wait()
+            await handle.started.wait()
         await _steal(db, job_id)
         with anyio.fail_after(5):  # the next heartbeat, 0.2 s away, finds it lost
-            await cancelled.wait()
+            await handle.cancelled.wait()
         await wait_until(lambda: nq.statistics().jobs_in_flight == 0)
         before = await db.value(f"SELECT lease_expires_at FROM neoq_jobs WHERE id = {int(job_id)}")
         await anyio.sleep(0.5)  # heartbeats go on for other jobs, not this one
@@ -434,24 +440,15 @@ async def test_a_success_breaking_a_deferred_constraint_fails_in_its_transaction
 
 
 async def test_cancelling_a_running_job_cancels_its_handler(dsn: str, db: Database) -> None:
-    started = anyio.Event()
-    cancelled = anyio.Event()
-
-    async def handle(job: Job) -> None:
-        started.set()
-        try:
-            await anyio.sleep_forever()
-        finally:
-            cancelled.set()
-
+    handle = Endless()
     async with backend(dsn) as nq:
         await nq.start(Handler("stop", handle, execution="lease", lease_duration=0.6))
         job_id = await nq.enqueue(Job("stop"))
         with anyio.fail_after(10):
-            await started.wait()
+            await handle.started.wait()
         assert await nq.cancel_job(job_id) is True
         with anyio.fail_after(5):  # at the next heartbeat, 0.2 s away
-            await cancelled.wait()
+            await handle.cancelled.wait()
         await wait_until(lambda: nq.statistics().jobs_in_flight == 0)
     assert await db.fetch(f"SELECT error FROM neoq_dead_jobs WHERE id = {int(job_id)}") == [
         ("cancelled",)

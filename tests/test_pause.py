@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -426,16 +424,7 @@ def app(tmp_path: Path) -> Path:
     return tmp_path
 
 
-async def _cli(dsn: str, *args: str, check: bool = True) -> tuple[int, str, str]:
-    """Run ``neoq-anyio ARGS`` against ``dsn``; exit status, stdout, stderr."""
-    result = await anyio.run_process(
-        [sys.executable, "-m", "neoq_anyio", *args],
-        env={**os.environ, "NEOQ_DSN": dsn},
-        check=False,
-    )
-    if check:
-        assert result.returncode == 0, result.stderr.decode()
-    return result.returncode, result.stdout.decode(), result.stderr.decode()
+_cli = test_cli._cli  # ``neoq-anyio ARGS`` as a subprocess
 
 
 async def test_queues_commands_pause_list_and_resume(dsn: str) -> None:

@@ -45,6 +45,7 @@ from neoq_anyio.testing import fast_forward
 from ._pgbouncer import PgBouncer, PooledDatabase, pgbouncer_path, pooled_database, start_pgbouncer
 from ._processes import running
 from .conftest import Database, wait_until
+from .test_processing import Recorder
 
 if TYPE_CHECKING:
     from neoq_anyio import Backend, PostgresBackend
@@ -97,24 +98,6 @@ async def direct(pooled: PooledDatabase) -> AsyncIterator[Database]:
 async def pooled_backend(dsn: str, **options: Any) -> AsyncIterator[Any]:
     async with open_backend(dsn, **{**FAST, **options}) as nq:
         yield nq
-
-
-class Recorder:
-    """A handler that records the jobs it ran and says when it has ``expected``."""
-
-    def __init__(self, expected: int = 1) -> None:
-        self.jobs: list[Job] = []
-        self.expected = expected
-        self.done = anyio.Event()
-
-    async def __call__(self, job: Job) -> None:
-        self.jobs.append(job)
-        if len(self.jobs) >= self.expected:
-            self.done.set()
-
-    async def wait(self, timeout: float = 10) -> None:
-        with anyio.fail_after(timeout):
-            await self.done.wait()
 
 
 # -- processing ---------------------------------------------------------------------------
